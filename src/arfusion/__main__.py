@@ -1,0 +1,21 @@
+"""Command line: `python -m arfusion demo ...` (see `--help`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arfusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import demo
+
+    demo.add_arguments(sub.add_parser(
+        "demo", help="run every pattern on N local ranks and check it against the reference"))
+    args = parser.parse_args(argv)
+    return demo.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

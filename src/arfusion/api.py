@@ -1,0 +1,155 @@
+"""The public functions: `create_allreduce_fusion_workspace` and `allreduce_fusion`."""
+
+from typing import Any, Literal
+
+import torch
+
+from . import heuristics, topology
+from .backends import BACKENDS, workspace_class
+from .comm import CommBackend
+from .validation import FusionCall, validate_call
+from .workspace import LIVE_WORKSPACES, AllReduceFusionWorkspace
+
+
+def create_allreduce_fusion_workspace(
+    backend: Literal["trtllm", "mnnvl", "torch", "auto"] = "auto",
+    world_size: int = None,
+    rank: int = None,
+    max_token_num: int = None,
+    hidden_dim: int = None,
+    dtype: torch.dtype = None,
+    gpus_per_node: int = None,
+    comm_backend: CommBackend | None = None,
+    force_oneshot_support: bool = False,
+    group: Any = None,
+) -> AllReduceFusionWorkspace:
+    """Create a workspace for `allreduce_fusion` (collective: every rank calls it).
+
+    The workspace holds `max_token_num * hidden_dim` elements of `dtype` per call and
+    can be reused for any shape with `num_tokens * hidden_dim` up to that (check with
+    `workspace.is_buffer_size_sufficient`). `backend="auto"` picks `trtllm` or `mnnvl`
+    by topology checks and measured heuristics; `"torch"` must be asked for.
+
+    Raises ValueError if no backend can serve the request (each one's reason is
+    listed) or an argument is invalid; RuntimeError for an unknown backend name.
+    """
+    if backend != "auto" and backend not in BACKENDS:
+        workspace_class(backend)  # raises RuntimeError naming the choices
+    req = topology.make_request(
+        world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
+        comm_backend, force_oneshot_support, group,
+    )
+    if backend == "auto":
+        reasons = {name: check(req) for name, check in topology.REJECTIONS.items()}
+        candidates = [name for name, reason in reasons.items() if reason is None]
+        if not candidates:
+            listed = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+            raise ValueError(
+                f"No suitable backend found for world_size={req.world_size} "
+                f"(gpus_per_node={req.gpus_per_node}): {listed}. "
+                'Use backend="torch" for the portable torch.distributed fallback.'
+            )
+        backend = heuristics.prefer_backend(candidates, req.world_size, req.nodes)
+    elif backend in topology.REJECTIONS and (reason := topology.REJECTIONS[backend](req)):
+        raise ValueError(f"backend {backend!r} cannot serve this request: {reason}")
+    return workspace_class(backend).create(req)
+
+
+def allreduce_fusion(
+    input: torch.Tensor,
+    workspace: AllReduceFusionWorkspace,
+    pattern: int,
+    launch_with_pdl: bool = False,
+    trigger_completion_at_end: bool = True,
+    output: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+    norm_out: torch.Tensor | None = None,
+    quant_out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+    residual_in: torch.Tensor | None = None,
+    rms_gamma: torch.Tensor | None = None,
+    rms_eps: float = 1e-6,
+    scale_factor: float | torch.Tensor | None = None,
+    layout_code: int | None = None,
+    use_oneshot: bool | None = None,
+    fp32_acc: bool = False,
+    weight_bias: float = 0.0,
+) -> torch.Tensor:
+    """All-reduce `input` over the workspace's ranks, then the pattern's epilogue.
+
+    Unfused equivalent (pattern kARResidualRMSNorm)::
+
+        dist.all_reduce(input)                 # fp32 sum in rank order
+        residual_out = input + residual_in
+        norm_out = rms_norm(residual_out, rms_gamma, rms_eps, weight_bias)
+
+    Returns quant_out for quant patterns, norm_out for kARResidualRMSNorm and
+    output for kAllReduce. Outputs left as None are allocated; pass them all for
+    CUDA graphs. `fp32_acc` is accepted for compatibility: accumulation is always
+    fp32. Every rank must issue the same sequence of calls.
+    """
+    call = validate_call(
+        input, workspace, pattern, launch_with_pdl, trigger_completion_at_end,
+        output, residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma,
+        rms_eps, scale_factor, layout_code, use_oneshot, weight_bias,
+    )
+    if torch.compiler.is_compiling():
+        _launch_op(call, workspace)
+    else:
+        workspace.run(call)
+    return call.result()
+
+
+def _launch_op(call: FusionCall, workspace: AllReduceFusionWorkspace) -> None:
+    """torch.compile sees one opaque op that mutates the outputs in place; the workspace
+    travels as its key in LIVE_WORKSPACES."""
+    sf = call.scale_factor
+    torch.ops.arfusion.allreduce_fusion_(
+        call.input, id(workspace), call.pattern, call.launch_with_pdl,
+        call.trigger_completion_at_end, call.output, call.residual_out, call.norm_out,
+        call.quant_out, call.scale_out, call.residual_in, call.rms_gamma, call.rms_eps,
+        sf if isinstance(sf, torch.Tensor) else None,
+        -1.0 if sf is None or isinstance(sf, torch.Tensor) else sf,
+        call.layout_code, -1 if call.use_oneshot is None else int(call.use_oneshot),
+        call.weight_bias,
+    )
+
+
+@torch.library.custom_op(
+    "arfusion::allreduce_fusion_",
+    mutates_args=("output", "residual_out", "norm_out", "quant_out", "scale_out"),
+)
+def _allreduce_fusion_op(
+    input: torch.Tensor,
+    workspace_id: int,
+    pattern: int,
+    launch_with_pdl: bool,
+    trigger_completion_at_end: bool,
+    output: torch.Tensor | None,
+    residual_out: torch.Tensor | None,
+    norm_out: torch.Tensor | None,
+    quant_out: torch.Tensor | None,
+    scale_out: torch.Tensor | None,
+    residual_in: torch.Tensor | None,
+    rms_gamma: torch.Tensor | None,
+    rms_eps: float,
+    scale_tensor: torch.Tensor | None,
+    scale_value: float,
+    layout_code: int,
+    use_oneshot: int,
+    weight_bias: float,
+) -> None:
+    workspace = LIVE_WORKSPACES[workspace_id]
+    call = validate_call(
+        input, workspace, pattern, launch_with_pdl, trigger_completion_at_end,
+        output, residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma,
+        rms_eps, scale_tensor if scale_tensor is not None else
+        (None if scale_value < 0 else scale_value),
+        layout_code, None if use_oneshot < 0 else bool(use_oneshot), weight_bias,
+    )
+    workspace.run(call)
+
+
+@_allreduce_fusion_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None

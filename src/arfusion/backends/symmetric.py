@@ -1,0 +1,144 @@
+"""What the `trtllm` and `mnnvl` workspaces share: Lamport buffers over symmetric memory.
+
+Footprint per rank (bytes), with E = max_token_num * hidden_dim, E1 the one-shot
+capacity, C = ceil(E / N) rounded up to 16 and s the element size:
+
+    3 * round_up(max(N * round_up(E1, 16), 3 * N * C), 64) * s
+        + 64 bytes of protocol state (device) + 4 * (N + 1) bytes (pinned host)
+
+Three rotations, each big enough for a one-shot call of E1 elements (N slots)
+or a two-shot call of E elements (scatter + two gather regions). Subclasses
+choose the transport and E1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+
+from .. import heuristics
+from ..comm import CommBackend
+from ..memory import SymmetricBuffer
+from ..validation import FusionCall
+from ..workspace import AllReduceFusionWorkspace
+
+DEFAULT_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "ARFUSION_TIMEOUT_S"
+
+
+def load_kernels():
+    """The kernel launcher (imports triton, hence lazily)."""
+    try:
+        from ..kernels import launch
+    except ImportError as e:
+        raise ImportError(
+            "the trtllm and mnnvl backends need triton: pip install 'arfusion[cuda]'"
+        ) from e
+    return launch
+
+
+def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    places = comm.allgather((socket.gethostname(), uuid))
+    return places.count((socket.gethostname(), uuid))
+
+
+class SymmetricWorkspace(AllReduceFusionWorkspace):
+    def __init__(
+        self,
+        world_size: int,
+        rank: int,
+        max_token_num: int,
+        hidden_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        oneshot_elements: int,
+        buffer_factory,
+        timeout_s: float | None = None,
+    ):
+        super().__init__(world_size, rank, max_token_num, hidden_dim, dtype, device)
+        launch = load_kernels()
+        self.oneshot_elements = oneshot_elements
+        elems = max_token_num * hidden_dim
+        self.buf_stride = launch.rotation_elements(world_size, elems, oneshot_elements)
+        nbytes = 3 * self.buf_stride * dtype.itemsize
+        self.timeout_s = timeout_s
+        self._buffer: SymmetricBuffer = buffer_factory(nbytes)
+        buf = self._buffer
+        buf.local.fill_(0xFF)  # every element starts as the sentinel
+        deltas = [p - buf.peer_ptrs[rank] for p in buf.peer_ptrs]
+        if any(d % (16 * dtype.itemsize) for d in deltas):
+            raise RuntimeError("peer buffers are not 16-element aligned")
+        self._state = torch.zeros(8, dtype=torch.int64, device=device)
+        self._err = torch.zeros(world_size + 1, dtype=torch.int32, pin_memory=True)
+        self._err_np: np.ndarray = self._err.numpy()
+        sharing = ranks_on_my_gpu(buf.comm, device)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self._res = launch.Resources(
+            buf=buf.local.view(launch.BITS[dtype.itemsize]),
+            deltas=torch.tensor([d // dtype.itemsize for d in deltas], dtype=torch.int64,
+                                device=device),
+            state=self._state,
+            err_addr=self._err.data_ptr(),
+            rank=rank,
+            world_size=world_size,
+            buf_stride=self.buf_stride,
+            max_programs=max(1, sms // sharing),
+            dummy={d: torch.zeros(1, dtype=d, device=device)
+                   for d in (torch.uint8, torch.float32)},
+        )
+        self._launch = launch.launch
+        self.footprint_bytes = nbytes
+        torch.cuda.synchronize(device)
+        buf.comm.barrier()  # no peer writes into a buffer that is not yet initialised
+        self._mark_ready()
+
+    @property
+    def timeout_s(self) -> float:
+        """Seconds a kernel waits for peers before giving up (env ARFUSION_TIMEOUT_S)."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float | None) -> None:
+        if value is None:
+            value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        if not value > 0:
+            raise ValueError(f"timeout_s must be > 0, got {value}")
+        self._timeout_s = float(value)
+
+    def capacity(self, use_oneshot: bool | None = None) -> int:
+        full = self.max_token_num * self.hidden_dim
+        return min(full, self.oneshot_elements) if use_oneshot else full
+
+    def failed_ranks(self) -> list[int]:
+        """Ranks an earlier call waited for in vain (empty while all is well)."""
+        if not self._err_np[0]:
+            return []
+        return [r for r in range(self.world_size) if self._err_np[1 + r]]
+
+    def check(self) -> None:
+        if self._err_np[0]:
+            raise RuntimeError(
+                f"rank {self.rank}: ranks {self.failed_ranks()} did not arrive within "
+                f"{self.timeout_s:g} s in an earlier allreduce_fusion call; this workspace "
+                "is unusable: destroy it and create a new one on every rank"
+            )
+
+    def use_oneshot(self, call: FusionCall) -> bool:
+        n = call.num_tokens * call.hidden_dim
+        if call.use_oneshot is not None:
+            return call.use_oneshot
+        return n <= self.oneshot_elements and heuristics.choose_oneshot(
+            self.world_size, n, self.dtype)
+
+    def run(self, call: FusionCall) -> None:
+        self._launch(call, self._res, self.use_oneshot(call), int(self._timeout_s * 1e9))
+
+    def _release(self) -> None:
+        if self._err_np[0]:
+            # A peer may still be alive and write late: keep the memory mapped.
+            return
+        self._buffer.close()

@@ -1,0 +1,48 @@
+"""The `trtllm` backend: Triton one-shot/two-shot kernels over symmetric memory within a node.
+
+Memory comes from `memory.open_buffer`: PyTorch symmetric memory with a process
+group and one GPU per rank, CUDA IPC when a `comm_backend` is given or ranks
+share a GPU, direct pointers when ranks are threads of one process. The
+workspace supports both strategies at every size it admits (one-shot capacity =
+max_token_num * hidden_dim); see `backends/symmetric.py` for the footprint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..comm import CommBackend
+from ..memory import open_buffer
+from ..topology import Request
+from .symmetric import SymmetricWorkspace
+
+
+class TRTLLMAllReduceFusionWorkspace(SymmetricWorkspace):
+    backend = "trtllm"
+
+    def __init__(
+        self,
+        tp_size: int,
+        tp_rank: int,
+        max_token_num: int,
+        hidden_dim: int,
+        dtype: torch.dtype = torch.float16,
+        comm_backend: CommBackend | None = None,
+        group: Any = None,
+        timeout_s: float | None = None,
+    ):
+        device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(
+            tp_size, tp_rank, max_token_num, hidden_dim, dtype, device,
+            oneshot_elements=max_token_num * hidden_dim,
+            buffer_factory=lambda nbytes: open_buffer(nbytes, device, tp_size, comm_backend,
+                                                      group),
+            timeout_s=timeout_s,
+        )
+
+    @classmethod
+    def create(cls, req: Request) -> TRTLLMAllReduceFusionWorkspace:
+        return cls(req.world_size, req.rank, req.max_token_num, req.hidden_dim, req.dtype,
+                   comm_backend=req.comm_backend, group=req.group)

@@ -1,0 +1,165 @@
+"""`python -m arfusion demo`: every supported pattern through the public API, checked.
+
+Launches N local ranks, runs each (pattern, shape, dtype[, strategy]) through
+`create_allreduce_fusion_workspace` / `allreduce_fusion`, compares every output
+with `arfusion.reference` (outputs poisoned first), checks that all ranks got
+the same bits, and prints a table. Exits non-zero if any check fails.
+
+Where the ranks live:
+- no GPU: one process per rank, torch.distributed over gloo, `torch` backend;
+- as many GPUs as ranks: one process per GPU over NCCL;
+- fewer GPUs than ranks: ranks are threads of one process on GPU 0, each on its
+  own stream (emulation: same protocol, but no NVLink between the ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import testing
+from .api import allreduce_fusion, create_allreduce_fusion_workspace
+from .patterns import PATTERNS, Quant
+from .testing import Case, case_kwargs, case_outputs, pattern_supports, run_case
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCALE = {Quant.FP8: 0.05, Quant.NVFP4: 400.0}
+
+
+@dataclass
+class DemoConfig:
+    world_size: int
+    backend: str
+    tokens: list[int]
+    hidden: list[int]
+    dtypes: list[torch.dtype]
+    patterns: list[int]
+    seed: int
+    mode: str  # "processes-gloo", "processes-nccl" or "threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream().synchronize()
+
+
+def run_rank(rank: int, world_size: int, cfg: DemoConfig, comm=None,
+             device: torch.device | None = None) -> list[dict]:
+    """One rank's part of the demo; returns a row per case."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if cfg.mode != \
+            "processes-gloo" else torch.device("cpu")
+    rows = []
+    strategies = [None] if cfg.backend == "torch" else [True, False]
+    for dtype in cfg.dtypes:
+        ws = create_allreduce_fusion_workspace(
+            cfg.backend, world_size=world_size, rank=rank, max_token_num=max(cfg.tokens),
+            hidden_dim=max(cfg.hidden), dtype=dtype, comm_backend=comm)
+        with ws:
+            for i, (pattern, t, h, oneshot) in enumerate(
+                    (p, t, h, s) for p in cfg.patterns for t in cfg.tokens for h in cfg.hidden
+                    for s in strategies):
+                if not pattern_supports(pattern, h, dtype):
+                    continue
+                quant = PATTERNS[pattern].quant
+                case = Case(pattern, t, h, dtype, seed=cfg.seed * 7919 + i,
+                            layout_code=i % 3, scale_factor=SCALE.get(quant, 1.0),
+                            weight_bias=1.0 if i % 2 else 0.0)
+                result = run_case(ws, case, rank, world_size, device,
+                                  exact=cfg.backend == "torch", with_output=i % 2 == 0,
+                                  use_oneshot=oneshot)
+                # Time a few more identical calls (the first one above compiled and checked).
+                x, out = case.input(rank, device), case_outputs(case, device)
+                kwargs = case_kwargs(case, device)
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(3):
+                    allreduce_fusion(x, ws, pattern, use_oneshot=oneshot, **out, **kwargs)
+                _sync(device)
+                chk = result.check
+                rows.append({
+                    "pattern": PATTERNS[pattern].name, "shape": f"{t}x{h}",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "strategy": {None: "-", True: "oneshot", False: "twoshot"}[oneshot],
+                    "err": chk.max_abs_err, "ulp": chk.max_ulp, "boundary": chk.boundary,
+                    "ok": chk.ok, "problems": chk.problems,
+                    "us": (time.perf_counter() - start) / 3 * 1e6, "digest": result.digest,
+                })
+    return rows
+
+
+def _rank_in_thread(ctx: testing.RankContext, cfg: DemoConfig) -> list[dict]:
+    return run_rank(ctx.rank, ctx.world_size, cfg, comm=ctx.comm, device=ctx.device)
+
+
+def _print_table(rows_by_rank: list[list[dict]], cfg: DemoConfig) -> bool:
+    header = ("pattern", "shape", "dtype", "strategy", "max|err|", "ulp", "bnd", "ranks",
+              "result", "time/call")
+    lines = []
+    all_ok = True
+    for i, row in enumerate(rows_by_rank[0]):
+        same = len({rows[i]["digest"] for rows in rows_by_rank}) == 1
+        ok = same and all(rows[i]["ok"] for rows in rows_by_rank)
+        all_ok &= ok
+        lines.append((row["pattern"], row["shape"], row["dtype"], row["strategy"],
+                      f"{row['err']:.3g}", str(row["ulp"]), str(row["boundary"]),
+                      "equal" if same else "DIFFER", "pass" if ok else "FAIL",
+                      f"{row['us']:.0f} us"))
+        if not ok:
+            for rank, rows in enumerate(rows_by_rank):
+                for problem in rows[i]["problems"]:
+                    lines.append((f"  rank {rank}: {problem}",) + ("",) * 9)
+    widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *lines]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    passed = sum(1 for line in lines if line[8] == "pass")
+    print(f"\n{passed} passed, {sum(1 for line in lines if line[8] == 'FAIL')} failed "
+          f"({cfg.world_size} ranks, backend {cfg.backend}, {cfg.mode})")
+    return all_ok
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks to launch (default: 2 without a GPU, else max(2, GPUs))")
+    p.add_argument("--backend", default="auto", choices=["auto", "trtllm", "mnnvl", "torch"])
+    p.add_argument("--tokens", type=_int_list, default=[1, 37], help="e.g. 1,37,300")
+    p.add_argument("--hidden", type=_int_list, default=[128, 4096], help="e.g. 16,2880")
+    p.add_argument("--dtype", default="bf16,fp16,fp32", help="of bf16, fp16, fp32")
+    p.add_argument("--patterns", type=_int_list, default=sorted(PATTERNS),
+                   help="pattern codes, default all supported")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    world = args.world_size or (max(2, gpus) if gpus else 2)
+    if not gpus:
+        mode = "processes-gloo"
+    elif gpus >= world and world > 1:
+        mode = "processes-nccl"
+    else:
+        mode = "threads"
+    backend = args.backend
+    if backend == "auto" and not gpus:
+        backend = "torch"
+        print("no GPU: using the torch backend over gloo")
+    for p in args.patterns:
+        if p not in PATTERNS:
+            raise SystemExit(f"--patterns: {p} is not a supported pattern {sorted(PATTERNS)}")
+    cfg = DemoConfig(world, backend, args.tokens, args.hidden,
+                     [DTYPES[d] for d in args.dtype.split(",")], args.patterns, args.seed, mode)
+    if mode == "threads":
+        print(f"one GPU: {world} ranks as threads of one process on "
+              f"{torch.cuda.get_device_name(0)} (emulation, no NVLink)")
+        rows = testing.run_ranks(world, _rank_in_thread, cfg, device="cuda:0")
+    else:
+        rows = testing.run_processes(world, run_rank, cfg,
+                                     backend="gloo" if mode == "processes-gloo" else "nccl")
+    return 0 if _print_table(rows, cfg) else 1

@@ -1,0 +1,1 @@
+"""Triton kernels. Importing this package needs triton (the `cuda` extra)."""

@@ -1,0 +1,213 @@
+"""The epilogue both strategies share: residual add, RMSNorm, FP8 / NVFP4 / dynamic FP8.
+
+Numerics follow SPEC.md step by step, each a single correctly rounded fp32
+operation in the reference's order: divisions and the square root use
+`div_rn`/`sqrt_rn` (Triton's `/` is approximate) and kernels are compiled
+without FMA contraction, so the only differences from `arfusion.reference` are
+the order of the row's sum of squares (RMSNorm, within 1 ulp of the output).
+Every rank runs the same code on the same values, so all ranks get the same bits.
+
+A row is processed in `NUM_CHUNKS` chunks of `BLOCK` columns. With one chunk
+the residual row `h` stays in registers; with more, the producing stage writes
+`h` to residual_out, and `finish_rows_chunked` reads it back (after a CTA barrier)
+once for the sum of squares and once more to normalise.
+
+NVFP4 is converted in software (Hopper has no E2M1 instruction): per 16-value
+block, `sf = e4m3(scale * amax / 6)`, `k = scale / sf`, each value rounds to the
+nearest E2M1 value of `v * k` (ties to even, saturating at 6) by comparisons
+with the midpoints. Scale bytes are placed by `sf_offset`, the same function
+the reference uses.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..patterns import sf_offset as _sf_offset
+from ..reference import DYNAMIC_FP8_MIN_SCALE
+
+sf_offset = triton.jit(_sf_offset)
+
+QUANT_FP8 = tl.constexpr(1)
+QUANT_NVFP4 = tl.constexpr(2)
+QUANT_DYNAMIC_FP8 = tl.constexpr(3)
+FP8_MAX = tl.constexpr(448.0)
+MIN_DYNAMIC_SCALE = tl.constexpr(DYNAMIC_FP8_MIN_SCALE)
+
+
+@triton.jit
+def residual_add(s, row, cols, cm, H, out_ptr, residual_in_ptr, residual_out_ptr,
+                 NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr):
+    """From the fp32 sum chunk `s`: write output = cast(s) (kAllReduce, or when
+    asked), and for residual patterns residual_out = h = cast(s + residual_in).
+    Returns h (cast(s) without a residual). Masked lanes must hold s = 0."""
+    DT = out_ptr.dtype.element_ty
+    offs = row * H + cols
+    if NORM:
+        if WRITE_OUTPUT:
+            tl.store(out_ptr + offs, s.to(DT), mask=cm)
+        r = tl.load(residual_in_ptr + offs, mask=cm, other=0).to(tl.float32)
+        h = (s + r).to(DT)
+        tl.store(residual_out_ptr + offs, h, mask=cm)
+    else:
+        h = s.to(DT)
+        tl.store(out_ptr + offs, h, mask=cm)
+    return h
+
+
+@triton.jit
+def inv_rms(ssq, H, eps):
+    """1 / sqrt(ssq / H + eps), each step correctly rounded."""
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(ssq, H.to(tl.float32)) + eps))
+
+
+@triton.jit
+def normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, DT: tl.constexpr):
+    """cast(h * rstd * (gamma + weight_bias)); returned as fp32 of the rounded value."""
+    g = tl.load(gamma_ptr + cols, mask=cm, other=0).to(tl.float32)
+    return (hf * rstd * (g + weight_bias)).to(DT).to(tl.float32)
+
+
+@triton.jit
+def dynamic_scale(amax, row, scale_out_ptr):
+    """Per-token FP8 scale max(amax / 448, 2^-9 / 448), written to scale_out[row]."""
+    scale = tl.maximum(tl.div_rn(amax, FP8_MAX), MIN_DYNAMIC_SCALE)
+    tl.store(scale_out_ptr + row, scale)
+    return scale
+
+
+@triton.jit
+def e4m3(x):
+    """Round fp32 to float8_e4m3fn, nearest even, saturating at +-448."""
+    return tl.clamp(x, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def e2m1_codes(y):
+    """4-bit E2M1 codes (int32) of fp32 `y`: nearest, ties to even, saturating at 6."""
+    a = tl.abs(y)
+    mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+           + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+           + (a > 5.0).to(tl.int32))
+    sign = (y.to(tl.int32, bitcast=True) >> 31) & 1
+    return mag | (sign << 3)
+
+
+@triton.jit
+def store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, scale_factor,
+                BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
+    """Quantise one chunk (columns c0 .. c0+BLOCK) to packed E2M1 + E4M3 block scales."""
+    NB: tl.constexpr = BLOCK // 16
+    v = tl.reshape(nf, [NB, 16])
+    amax = tl.max(tl.abs(v), axis=1)
+    sf = e4m3(tl.div_rn(scale_factor * amax, 6.0))
+    sf_f = sf.to(tl.float32)
+    k = tl.where(sf_f == 0.0, 0.0, tl.div_rn(tl.zeros_like(sf_f) + scale_factor, sf_f))
+    codes = tl.reshape(e2m1_codes(v * k[:, None]), [BLOCK // 2, 2])
+    lo, hi = tl.split(codes)
+    pcols = c0 // 2 + tl.arange(0, BLOCK // 2)
+    tl.store(quant_ptr + row * (H // 2) + pcols, (lo | (hi << 4)).to(tl.uint8),
+             mask=pcols < H // 2)
+    kb = c0 // 16 + tl.arange(0, NB)
+    off = sf_offset(row, kb, H // 16, LAYOUT)
+    tl.store(scale_out_ptr + off, sf.to(tl.uint8, bitcast=True), mask=kb < H // 16)
+
+
+@triton.jit
+def store_normalized(nf, row, c0, cols, cm, H, norm_out_ptr, quant_ptr, scale_out_ptr,
+                     scale_factor, dyn_scale, WRITE_NORM: tl.constexpr,
+                     QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Write one chunk of the normalised row and its quantisation."""
+    offs = row * H + cols
+    if WRITE_NORM:
+        tl.store(norm_out_ptr + offs, nf.to(norm_out_ptr.dtype.element_ty), mask=cm)
+    if QUANT == QUANT_FP8:
+        tl.store(quant_ptr + offs, e4m3(tl.div_rn(nf, tl.zeros_like(nf) + scale_factor)),
+                 mask=cm)
+    elif QUANT == QUANT_DYNAMIC_FP8:
+        tl.store(quant_ptr + offs, e4m3(tl.div_rn(nf, tl.zeros_like(nf) + dyn_scale)),
+                 mask=cm)
+    elif QUANT == QUANT_NVFP4:
+        store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, scale_factor, BLOCK, LAYOUT)
+
+
+@triton.jit
+def finish_row(h, row, cols, cm, H, gamma_ptr, norm_out_ptr, quant_ptr, scale_out_ptr,
+               eps, weight_bias, scale_factor, WRITE_NORM: tl.constexpr,
+               QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+    """RMSNorm + quantisation of a row held whole in registers (one chunk)."""
+    hf = h.to(tl.float32)
+    rstd = inv_rms(tl.sum(hf * hf, axis=0), H, eps)
+    nf = normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, h.dtype)
+    dyn = 0.0
+    if QUANT == QUANT_DYNAMIC_FP8:
+        dyn = dynamic_scale(tl.max(tl.abs(nf), axis=0), row, scale_out_ptr)
+    store_normalized(nf, row, 0, cols, cm, H, norm_out_ptr, quant_ptr, scale_out_ptr,
+                     scale_factor, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
+
+
+@triton.jit
+def finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr,
+                       scale_out_ptr, eps, weight_bias, scale_factor,
+                       WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, LAYOUT: tl.constexpr,
+                       BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """RMSNorm + quantisation of a row already written to residual_out, chunk by chunk."""
+    tl.debug_barrier()  # residual_out of this row was written by other threads of this CTA
+    DT = residual_out_ptr.dtype.element_ty
+    base = residual_out_ptr + row * H
+    ssq = 0.0
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        hf = tl.load(base + cols, mask=cols < H, other=0).to(tl.float32)
+        ssq += tl.sum(hf * hf, axis=0)
+    rstd = inv_rms(ssq, H, eps)
+    dyn = 0.0
+    if QUANT == QUANT_DYNAMIC_FP8:
+        amax = 0.0
+        for c in tl.static_range(NUM_CHUNKS):
+            cols = c * BLOCK + tl.arange(0, BLOCK)
+            cm = cols < H
+            hf = tl.load(base + cols, mask=cm, other=0).to(tl.float32)
+            nf = normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, DT)
+            amax = tl.maximum(amax, tl.max(tl.abs(nf), axis=0))
+        dyn = dynamic_scale(amax, row, scale_out_ptr)
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        cm = cols < H
+        hf = tl.load(base + cols, mask=cm, other=0).to(tl.float32)
+        nf = normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, DT)
+        store_normalized(nf, row, c * BLOCK, cols, cm, H, norm_out_ptr, quant_ptr,
+                         scale_out_ptr, scale_factor, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
+
+
+@triton.jit
+def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, world_size, deadline,
+                 state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
+                 norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale_factor,
+                 NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr, WRITE_NORM: tl.constexpr,
+                 QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
+                 NUM_CHUNKS: tl.constexpr):
+    """Rows pid, pid+P, ...: `PRODUCE` (the strategy's) yields each chunk's h and
+    writes output/residual_out; then RMSNorm and quantisation of the whole row."""
+    for row in range(tl.program_id(0), T, tl.num_programs(0)):
+        if NUM_CHUNKS == 1:
+            cols = tl.arange(0, BLOCK)
+            cm = cols < H
+            h = PRODUCE(rot_ptr, stride, row, cols, cm, H, world_size, deadline, state_ptr,
+                        err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM,
+                        WRITE_OUTPUT)
+            if NORM:
+                finish_row(h, row, cols, cm, H, gamma_ptr, norm_out_ptr, quant_ptr,
+                           scale_out_ptr, eps, weight_bias, scale_factor, WRITE_NORM, QUANT,
+                           LAYOUT, BLOCK)
+        else:
+            for c in tl.static_range(NUM_CHUNKS):
+                cols = c * BLOCK + tl.arange(0, BLOCK)
+                PRODUCE(rot_ptr, stride, row, cols, cols < H, H, world_size, deadline,
+                        state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM,
+                        WRITE_OUTPUT)
+            if NORM:
+                finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr,
+                                   quant_ptr, scale_out_ptr, eps, weight_bias, scale_factor,
+                                   WRITE_NORM, QUANT, LAYOUT, BLOCK, NUM_CHUNKS)

@@ -1,0 +1,47 @@
+"""PTX-level helpers the protocol needs, each a thin wrapper with its reason.
+
+Everything here is device code (`@triton.jit`), callable from the kernels.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def globaltimer():
+    """Nanoseconds from the GPU's global timer (`%globaltimer`), for bounded waits.
+
+    Not pure: every call must read the timer again, so the compiler may not
+    hoist it out of a polling loop.
+    """
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def load_volatile(ptr, mask):
+    """`ld.volatile`: bypasses L1 and is never cached in registers, so a polling
+    loop sees a peer's store as soon as it lands. Masked-off lanes read 0."""
+    return tl.load(ptr, mask=mask, other=0, volatile=True)
+
+
+@triton.jit
+def wait_for_previous_grid(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch, block until the previous kernel on the
+    stream has finished and its memory is visible (`griddepcontrol.wait`). Must come
+    before the first read of inputs or protocol state."""
+    if USE_PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release_dependents(USE_PDL: tl.constexpr):
+    """Let the next PDL kernel start its prologue (`griddepcontrol.launch_dependents`).
+    Safe anywhere: the dependent still waits for this grid's completion before it
+    reads anything (`wait_for_previous_grid`)."""
+    if USE_PDL:
+        gdc_launch_dependents()

@@ -1,0 +1,107 @@
+"""Device memory that every rank can load from and store to: one interface, four transports.
+
+A `SymmetricBuffer` gives this rank `nbytes` of device memory (`local`, a uint8
+tensor) and the address of every rank's buffer as mapped in this process
+(`peer_ptrs`, by rank; `peer_ptrs[rank]` is `local`'s address). Kernels reach a
+peer's byte i at `peer_ptrs[p] + i` with ordinary loads and stores. No multicast.
+
+`open_buffer` picks the transport:
+
+| transport | when |
+| --- | --- |
+| `in_process.InProcessBuffer` | ranks are threads of one process (`InProcessBackend`) |
+| `cuda_ipc.CudaIpcBuffer` | a `comm_backend` is given, or ranks share a GPU |
+| `torch_symm.TorchSymmBuffer` | a torch.distributed group, one GPU per rank |
+
+Creating and closing are collective. `close()` waits for the device and a
+barrier first, so no peer can still be reading or writing what is freed.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from typing import Any
+
+import torch
+
+from ..comm import CommBackend, InProcessGroup, TorchDistBackend, is_in_process
+
+
+class SymmetricBuffer(abc.ABC):
+    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        self.nbytes = nbytes
+        self.device = device
+        self.local: torch.Tensor
+        self.peer_ptrs: list[int]
+        self._closed = False
+
+    def close(self) -> None:
+        """Collective: wait for the device, meet every rank, then free."""
+        if self._closed:
+            return
+        self._closed = True
+        torch.cuda.synchronize(self.device)
+        self.comm.barrier()
+        self._free()
+
+    @abc.abstractmethod
+    def _free(self) -> None: ...
+
+
+class _CudaArray:
+    """Just enough `__cuda_array_interface__` for torch to wrap a raw device pointer."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+            "strides": None,
+        }
+
+
+def wrap_pointer(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over `nbytes` of device memory at `ptr` (no copy, not owned)."""
+    return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
+
+
+def ranks_share_a_gpu(comm: CommBackend, device: torch.device) -> bool:
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    places = comm.allgather((socket.gethostname(), uuid))
+    return len(set(places)) < len(places)
+
+
+def open_buffer(
+    nbytes: int,
+    device: torch.device,
+    world_size: int,
+    comm_backend: CommBackend | None,
+    group: Any,
+) -> SymmetricBuffer:
+    """Allocate and exchange one symmetric buffer (collective over all ranks)."""
+    if comm_backend is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            comm = TorchDistBackend(group)
+            if not ranks_share_a_gpu(comm, device):
+                from .torch_symm import TorchSymmBuffer
+
+                return TorchSymmBuffer(comm, nbytes, device, group)
+            comm_backend = comm
+        elif world_size == 1:
+            comm_backend = InProcessGroup(1).backends()[0]
+        else:
+            raise ValueError(
+                f"world_size={world_size} needs comm_backend or an initialised "
+                "torch.distributed process group for the rendezvous"
+            )
+    if is_in_process(comm_backend):
+        from .in_process import InProcessBuffer
+
+        return InProcessBuffer(comm_backend, nbytes, device)
+    from .cuda_ipc import CudaIpcBuffer
+
+    return CudaIpcBuffer(comm_backend, nbytes, device)

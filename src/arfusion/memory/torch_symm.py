@@ -1,0 +1,31 @@
+"""PyTorch symmetric memory: `torch.distributed._symmetric_memory` over a process group.
+
+One GPU per rank (it refuses two ranks on one GPU). Multicast is never used:
+only `buffer_ptrs`, the peers' buffers mapped for ordinary loads and stores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..comm import CommBackend
+from . import SymmetricBuffer
+
+
+class TorchSymmBuffer(SymmetricBuffer):
+    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device, group: Any):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        super().__init__(comm, nbytes, device)
+        group = group if group is not None else dist.group.WORLD
+        self.local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        self._handle = symm_mem.rendezvous(self.local, group)
+        self.peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
+
+    def _free(self) -> None:
+        del self._handle, self.local

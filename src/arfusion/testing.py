@@ -1,0 +1,420 @@
+"""Test harnesses and checks for arfusion and for code that uses it.
+
+- `run_ranks`: N ranks as threads of this process, each with its own
+  `InProcessBackend` and (on CUDA) its own stream. This is how the multi-rank
+  protocol runs on one GPU: kernels of one process on different streams run
+  concurrently.
+- `run_processes`: N spawned processes joined by `torch.distributed` (gloo on
+  CPU, nccl with one GPU each).
+- `make_case` draws a call's inputs reproducibly, so every rank can rebuild every
+  other rank's input and compute the reference locally.
+- `check_outputs` compares one rank's outputs with `arfusion.reference` by the
+  rules of SPEC.md: output and residual_out bit-exact, norm_out within 1 ulp
+  (16-bit) or 32 ulp (fp32), quantised bytes equal except where the reference
+  value is within 1 ulp of a rounding boundary (counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import reference
+from .comm import InProcessBackend, InProcessGroup
+from .patterns import NVFP4_BLOCK, PATTERNS, Quant, sf_size
+
+OUTPUT_NAMES = ("output", "residual_out", "norm_out", "quant_out", "scale_out")
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    comm: InProcessBackend
+    device: torch.device
+    stream: torch.cuda.Stream | None = None
+
+
+def run_ranks(
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    device: torch.device | str | None = None,
+    timeout_s: float = 600.0,
+) -> list[Any]:
+    """Run `fn(ctx, *args)` for every rank on its own thread; return the results by rank.
+
+    On CUDA each rank runs inside `torch.cuda.stream(ctx.stream)` and its stream is
+    synchronised before the result is taken. If any rank raises, the group's
+    barrier is broken (so no rank waits forever) and the first error is re-raised.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    group = InProcessGroup(world_size, timeout_s=timeout_s)
+    comms = group.backends()
+    results: list[Any] = [None] * world_size
+    errors: list[BaseException | None] = [None] * world_size
+
+    def worker(rank: int) -> None:
+        try:
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+                stream = torch.cuda.Stream(dev)
+                with torch.cuda.stream(stream):
+                    results[rank] = fn(RankContext(rank, world_size, comms[rank], dev, stream),
+                                       *args)
+                stream.synchronize()
+            else:
+                results[rank] = fn(RankContext(rank, world_size, comms[rank], dev), *args)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[rank] = e
+            group.abort()
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    if any(t.is_alive() for t in threads):
+        group.abort()
+        raise TimeoutError(f"ranks did not finish within {timeout_s} s")
+    first = next((e for e in errors if e is not None and not _is_broken_barrier(e)), None)
+    first = first or next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results
+
+
+def _is_broken_barrier(e: BaseException) -> bool:
+    return isinstance(e, threading.BrokenBarrierError)
+
+
+def _process_main(rank, world_size, init_file, backend, fn, args, results) -> None:
+    import torch.distributed as dist
+
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size)
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_processes(
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes.
+
+    Each process joins a `torch.distributed` group (`backend`); `fn` must be
+    importable by module path (spawn pickles it). Returns the results by rank;
+    raises RuntimeError with the failing ranks' tracebacks.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(target=_process_main,
+                        args=(r, world_size, init_file, backend, fn, args, results))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        out: dict[int, tuple[bool, Any]] = {}
+        try:
+            while len(out) < world_size:
+                rank, ok, payload = results.get(timeout=timeout_s)
+                out[rank] = (ok, payload)
+                if not ok:
+                    break
+        except queue_mod.Empty:
+            pass
+        finally:
+            for p in procs:
+                p.join(timeout=5 if len(out) == world_size else 0.1)
+                if p.is_alive():
+                    p.kill()
+    failed = {r: payload for r, (ok, payload) in out.items() if not ok}
+    if failed:
+        raise RuntimeError("ranks failed:\n" + "\n".join(f"[rank {r}] {tb}" for r, tb in
+                                                           sorted(failed.items())))
+    if len(out) < world_size:
+        missing = sorted(set(range(world_size)) - set(out))
+        raise RuntimeError(f"ranks {missing} did not report within {timeout_s} s")
+    return [out[r][1] for r in range(world_size)]
+
+
+@dataclass
+class Case:
+    """One call's inputs for every rank, reproducible from (seed, index)."""
+
+    pattern: int
+    num_tokens: int
+    hidden_dim: int
+    dtype: torch.dtype
+    seed: int = 0
+    layout_code: int = 0
+    scale_factor: float = 1.0
+    weight_bias: float = 0.0
+    rms_eps: float = 1e-6
+
+    def _generator(self, salt: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + salt)
+
+    def input(self, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rank `rank`'s input (drawn on `device`, so every rank can redraw it)."""
+        device = torch.device(device)
+        g = self._generator(7919 * rank + 1, device)
+        x = torch.randn(self.num_tokens, self.hidden_dim, generator=g, device=device) * 2.0
+        return x.to(self.dtype)
+
+    def shared(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The tensors every rank passes alike: residual_in, rms_gamma, scale_factor."""
+        device = torch.device(device)
+        g = self._generator(104729, device)
+        t, h = self.num_tokens, self.hidden_dim
+        residual = torch.randn(t, h, generator=g, device=device)
+        gamma = torch.rand(h, generator=g, device=device) + 0.5
+        return {
+            "residual_in": residual.to(self.dtype),
+            "rms_gamma": gamma.to(self.dtype),
+            "rms_eps": self.rms_eps,
+            "weight_bias": self.weight_bias,
+            "scale_factor": self.scale_factor,
+            "layout_code": self.layout_code,
+        }
+
+    def reference(self, world_size: int, device: torch.device | str = "cpu"):
+        inputs = [self.input(r, device) for r in range(world_size)]
+        kwargs = self.shared(device)
+        if not PATTERNS[self.pattern].norm:
+            kwargs = {}
+        return reference.reference_allreduce_fusion(inputs, self.pattern, **kwargs)
+
+    def label(self) -> str:
+        return f"{PATTERNS[self.pattern].name} {self.num_tokens}x{self.hidden_dim} {self.dtype}"
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill with 0xFF bytes (NaN for floats): an unwritten element cannot pass a check."""
+    t.view(torch.uint8).fill_(0xFF)
+    return t
+
+
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer keys whose order and distance follow the floats' (1 apart = 1 ulp)."""
+    bits = {2: torch.int16, 4: torch.int32}[t.element_size()]
+    i = t.contiguous().view(bits).to(torch.int64)
+    sign = 1 << (8 * t.element_size() - 1)
+    return torch.where(i < 0, -(i + sign), i)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (ordered_bits(a) - ordered_bits(b)).abs()
+
+
+def _step(n: torch.Tensor, direction: int) -> torch.Tensor:
+    """`n` moved one ulp of its dtype toward +inf (1) or -inf (-1)."""
+    key = ordered_bits(n) + direction
+    sign = 1 << (8 * n.element_size() - 1)
+    bits = torch.where(key < 0, -key - sign, key)
+    return bits.to({2: torch.int16, 4: torch.int32}[n.element_size()]).view(n.dtype)
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    max_abs_err: float = 0.0
+    max_ulp: int = 0
+    boundary: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _elems(t: torch.Tensor) -> torch.Tensor:
+    """Flat integer view, one element per value (bytes for 8-bit types)."""
+    return t.contiguous().reshape(-1).view({1: torch.uint8, 2: torch.int16,
+                                            4: torch.int32}[t.element_size()])
+
+
+def check_outputs(
+    got: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    case: Case,
+    exact: bool = False,
+) -> CheckResult:
+    """Compare a rank's outputs (`got`, by name) with the reference (`ref`).
+
+    `exact=True` demands identical bits everywhere (the torch backend runs the
+    reference itself). Otherwise norm_out may be 1 ulp off (16-bit) or 32 ulp off
+    (fp32), and a quantised byte may differ where the reference value is within
+    1 ulp of a rounding boundary; such bytes are counted in `boundary`.
+    """
+    res = CheckResult(ok=True)
+    traits = PATTERNS[case.pattern]
+    for name in ("output", "residual_out"):
+        if name in got and got[name] is not None and not torch.equal(_bytes(got[name]),
+                                                                     _bytes(ref[name])):
+            bad = (_bytes(got[name]) != _bytes(ref[name])).sum().item()
+            res.problems.append(f"{name}: {bad} bytes differ from the reference")
+    if got.get("norm_out") is not None:
+        dist = ulp_distance(got["norm_out"], ref["norm_out"])
+        res.max_ulp = int(dist.max().item()) if dist.numel() else 0
+        limit = 0 if exact else (32 if case.dtype == torch.float32 else 1)
+        if res.max_ulp > limit or got["norm_out"].isnan().any():
+            res.problems.append(f"norm_out: {res.max_ulp} ulp from the reference (limit {limit})")
+    final = got.get(traits.returns)
+    res.max_abs_err = _max_abs_err(got, ref, case)
+    if traits.quant != Quant.NONE and final is not None:
+        _check_quant(got, ref, case, exact, res)
+    res.ok = not res.problems
+    return res
+
+
+def _max_abs_err(got, ref, case) -> float:
+    name = PATTERNS[case.pattern].returns
+    if name == "quant_out":
+        name = "norm_out" if got.get("norm_out") is not None else "residual_out"
+    a, b = got[name].float(), ref[name].float()
+    return float((a - b).abs().max().item()) if a.numel() else 0.0
+
+
+def _quantised(n: torch.Tensor, case: Case) -> tuple[torch.Tensor, torch.Tensor | None]:
+    quant = PATTERNS[case.pattern].quant
+    if quant == Quant.FP8:
+        return reference.quantize_fp8(n, case.scale_factor), None
+    if quant == Quant.NVFP4:
+        return reference.quantize_nvfp4(n, case.scale_factor, case.layout_code)
+    return reference.quantize_dynamic_fp8(n)
+
+
+def _check_quant(got, ref, case: Case, exact: bool, res: CheckResult) -> None:
+    quant = PATTERNS[case.pattern].quant
+    n = ref["norm_out"]
+    candidates = [_quantised(n, case)] if exact else [
+        _quantised(n, case), _quantised(_step(n, 1), case), _quantised(_step(n, -1), case)]
+    q = _bytes(got["quant_out"])
+    q_ok = torch.zeros_like(q, dtype=torch.bool)
+    for cq, _ in candidates:
+        q_ok |= q == _bytes(cq)
+    if not q_ok.all():
+        res.problems.append(f"quant_out: {(~q_ok).sum().item()} bytes off by more than a boundary")
+    res.boundary += int((q != _bytes(candidates[0][0])).sum().item())
+    if quant == Quant.NONE or got.get("scale_out") is None:
+        return
+    s = _elems(got["scale_out"].view(candidates[0][1].dtype))
+    s_ok = None
+    for _, cs in candidates:
+        ref_s = _elems(cs)
+        hit = s[: ref_s.numel()] == ref_s
+        s_ok = hit if s_ok is None else (s_ok | hit)
+    if quant == Quant.NVFP4:
+        # Only bytes the layout maps to a (row, block) are specified; padding is free.
+        idx = reference._sf_index(case.num_tokens, case.hidden_dim // 16, case.layout_code,
+                                  s.device).reshape(-1)
+        s_ok = s_ok[idx]
+    if not s_ok.all():
+        res.problems.append(f"scale_out: {(~s_ok).sum().item()} scales off by more than a boundary")
+
+
+def digest(tensors: dict[str, torch.Tensor | None]) -> str:
+    """A hash of the outputs' bytes, for checking bit-equality across ranks."""
+    h = hashlib.sha256()
+    for name in OUTPUT_NAMES:
+        t = tensors.get(name)
+        if t is not None:
+            h.update(name.encode())
+            h.update(_bytes(t).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pattern_supports(pattern: int, hidden_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `pattern` accepts this hidden size and dtype (NVFP4 needs 16-bit, H % 16)."""
+    if PATTERNS[pattern].quant == Quant.NVFP4:
+        return dtype != torch.float32 and hidden_dim % NVFP4_BLOCK == 0
+    return True
+
+
+def case_outputs(case: Case, device: torch.device | str, with_output: bool = True):
+    """Poisoned tensors for every output `case.pattern` writes (`output` optional
+    for residual patterns)."""
+    t, h, traits = case.num_tokens, case.hidden_dim, PATTERNS[case.pattern]
+
+    def new(shape, dtype=case.dtype):
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    out = {}
+    if with_output or not traits.norm:
+        out["output"] = new((t, h))
+    if traits.norm:
+        out["residual_out"] = new((t, h))
+    if traits.norm_out:
+        out["norm_out"] = new((t, h))
+    if traits.quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+        out["quant_out"] = new((t, h), torch.float8_e4m3fn)
+    if traits.quant == Quant.DYNAMIC_FP8:
+        out["scale_out"] = new((t, 1), torch.float32)
+    if traits.quant == Quant.NVFP4:
+        out["quant_out"] = new((t, h // 2), torch.uint8)
+        out["scale_out"] = new((sf_size(t, h // NVFP4_BLOCK, case.layout_code),), torch.uint8)
+    return out
+
+
+def case_kwargs(case: Case, device: torch.device | str) -> dict[str, Any]:
+    """The non-output keyword arguments of `allreduce_fusion` for `case`."""
+    traits = PATTERNS[case.pattern]
+    if not traits.norm:
+        return {}
+    kwargs = case.shared(device)
+    if traits.quant not in (Quant.FP8, Quant.NVFP4):
+        del kwargs["scale_factor"]
+    if traits.quant != Quant.NVFP4:
+        del kwargs["layout_code"]
+    return kwargs
+
+
+@dataclass
+class CaseResult:
+    label: str
+    check: CheckResult
+    digest: str
+
+
+def run_case(workspace, case: Case, rank: int, world_size: int, device: torch.device | str,
+             exact: bool = False, with_output: bool = True, **call_kwargs) -> CaseResult:
+    """One checked call of `allreduce_fusion` on this rank (all ranks must run it).
+
+    Outputs are poisoned first; the result is compared with the reference built
+    from every rank's input; `call_kwargs` go to allreduce_fusion (use_oneshot,
+    launch_with_pdl, ...).
+    """
+    from .api import allreduce_fusion
+
+    out = case_outputs(case, device, with_output)
+    ret = allreduce_fusion(case.input(rank, device), workspace, case.pattern, **out,
+                           **case_kwargs(case, device), **call_kwargs)
+    if ret is not out[PATTERNS[case.pattern].returns]:
+        raise AssertionError("allreduce_fusion did not return the pattern's output tensor")
+    check = check_outputs(out, case.reference(world_size, device), case, exact=exact)
+    return CaseResult(case.label(), check, digest(out))

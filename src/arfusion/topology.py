@@ -1,0 +1,152 @@
+"""Where the ranks are and which backend can serve them: the checks behind "auto".
+
+Each `*_rejection` returns None when the backend can serve the request, else one
+sentence saying why not. `"auto"` collects them; if nothing can serve, the
+`ValueError` lists every reason and suggests `backend="torch"`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .comm import CommBackend, is_in_process
+from .workspace import SUPPORTED_DTYPES
+
+TRTLLM_MAX_RANKS = 16
+
+
+@dataclass(frozen=True)
+class Request:
+    """create_allreduce_fusion_workspace's arguments, checked and completed."""
+
+    world_size: int
+    rank: int
+    max_token_num: int
+    hidden_dim: int
+    dtype: torch.dtype
+    gpus_per_node: int
+    comm_backend: CommBackend | None
+    force_oneshot_support: bool
+    group: Any
+
+    @property
+    def nodes(self) -> int:
+        """Node count; ranks that are threads of one process share this node."""
+        if is_in_process(self.comm_backend):
+            return 1
+        return -(-self.world_size // self.gpus_per_node)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _dist_group_info(group: Any) -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    g = group if group is not None else dist.group.WORLD
+    return dist.get_world_size(g), dist.get_rank(g)
+
+
+def make_request(
+    world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
+    comm_backend, force_oneshot_support, group,
+) -> Request:
+    """Check the arguments; take world_size/rank from comm_backend or the group if None."""
+    if comm_backend is not None and not isinstance(comm_backend, CommBackend):
+        raise TypeError(
+            "comm_backend must implement CommBackend (Get_rank, Get_size, allgather, bcast, "
+            f"barrier, Split), got {type(comm_backend).__name__}"
+        )
+    source = None
+    if comm_backend is not None:
+        source = ("comm_backend", comm_backend.Get_size(), comm_backend.Get_rank())
+    elif (info := _dist_group_info(group)) is not None:
+        source = ("the torch.distributed group", *info)
+    if world_size is None:
+        if source is None:
+            raise ValueError(
+                "world_size is required (or pass comm_backend / initialise torch.distributed)"
+            )
+        world_size = source[1]
+    if rank is None:
+        if source is None:
+            raise ValueError(
+                "rank is required (or pass comm_backend / initialise torch.distributed)"
+            )
+        rank = source[2]
+    world_size = _positive_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    if source is not None and (source[1], source[2]) != (world_size, rank):
+        raise ValueError(
+            f"world_size={world_size}, rank={rank} do not match {source[0]} "
+            f"(size {source[1]}, rank {source[2]})"
+        )
+    for name, value in (("max_token_num", max_token_num), ("hidden_dim", hidden_dim)):
+        if value is None:
+            raise ValueError(f"{name} is required")
+        _positive_int(name, value)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype}"
+        )
+    if gpus_per_node is None:
+        gpus_per_node = min(torch.cuda.device_count(), world_size) or world_size
+    gpus_per_node = _positive_int("gpus_per_node", gpus_per_node)
+    if not isinstance(force_oneshot_support, bool):
+        raise TypeError(
+            f"force_oneshot_support must be a bool, got {type(force_oneshot_support).__name__}"
+        )
+    return Request(world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
+                   comm_backend, force_oneshot_support, group)
+
+
+def _gpu_stack_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    missing = [m for m in ("triton", "cuda.bindings") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'arfusion[cuda]')"
+    return None
+
+
+def _peer_access_missing(gpus: int) -> str | None:
+    n = min(gpus, torch.cuda.device_count())
+    for i in range(n):
+        for j in range(n):
+            if i != j and not torch.cuda.can_device_access_peer(i, j):
+                return f"GPU {i} cannot access GPU {j}'s memory (no peer access)"
+    return None
+
+
+def trtllm_rejection(req: Request) -> str | None:
+    if (reason := _gpu_stack_missing()) is not None:
+        return reason
+    if req.nodes > 1:
+        return (
+            f"{req.world_size} ranks at gpus_per_node={req.gpus_per_node} span {req.nodes} "
+            "nodes; trtllm works within one node"
+        )
+    if req.world_size > TRTLLM_MAX_RANKS:
+        return f"supports at most {TRTLLM_MAX_RANKS} ranks, got {req.world_size}"
+    return _peer_access_missing(req.gpus_per_node)
+
+
+def mnnvl_rejection(req: Request) -> str | None:
+    if (reason := _gpu_stack_missing()) is not None:
+        return reason
+    return "not implemented in this version of arfusion"
+
+
+REJECTIONS = {"trtllm": trtllm_rejection, "mnnvl": mnnvl_rejection}
