@@ -38,10 +38,11 @@ P = AllReduceFusionPattern
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 HIDDEN = [1, 7, 64, 2880, 5120, 7168, 16384]
 MAX_TOKENS = 300
+MAX_HIDDEN = max(HIDDEN)
 CUDA = "cuda:0"
 
 
-def make_workspace(ctx, dtype, max_tokens=MAX_TOKENS, hidden=max(HIDDEN)):
+def make_workspace(ctx, dtype, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN):
     return create_allreduce_fusion_workspace(
         "trtllm", world_size=ctx.world_size, rank=ctx.rank, max_token_num=max_tokens,
         hidden_dim=hidden, dtype=dtype, comm_backend=ctx.comm)
