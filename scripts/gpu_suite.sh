@@ -16,6 +16,6 @@ status=${PIPESTATUS[0]}
 tar -czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
 echo "== GPU suite summary =="
 grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" "$OUT/gpu.log" | sed 's/ - .*//' | sort | uniq -c \
-    | awk '{print $2, $3}' | column -t
+    | awk '{printf "%-8s %s\n", $2, $3}'
 tail -n 1 "$OUT/gpu.log"
 exit "$status"

@@ -54,6 +54,7 @@ def run_rank(rank: int, world_size: int, cfg: DemoConfig, comm=None,
             "processes-gloo" else torch.device("cpu")
     rows = []
     strategies = [None] if cfg.backend == "torch" else [True, False]
+    barrier = comm if cfg.mode == "threads" else None  # see arfusion.testing
     for dtype in cfg.dtypes:
         ws = create_allreduce_fusion_workspace(
             cfg.backend, world_size=world_size, rank=rank, max_token_num=max(cfg.tokens),
@@ -70,11 +71,13 @@ def run_rank(rank: int, world_size: int, cfg: DemoConfig, comm=None,
                             weight_bias=1.0 if i % 2 else 0.0)
                 result = run_case(ws, case, rank, world_size, device,
                                   exact=cfg.backend == "torch", with_output=i % 2 == 0,
-                                  use_oneshot=oneshot)
+                                  comm=barrier, use_oneshot=oneshot)
                 # Time a few more identical calls (the first one above compiled and checked).
                 x, out = case.input(rank, device), case_outputs(case, device)
                 kwargs = case_kwargs(case, device)
                 _sync(device)
+                if barrier is not None:
+                    barrier.barrier()
                 start = time.perf_counter()
                 for _ in range(3):
                     allreduce_fusion(x, ws, pattern, use_oneshot=oneshot, **out, **kwargs)
@@ -158,6 +161,8 @@ def main(args: argparse.Namespace) -> int:
     if mode == "threads":
         print(f"one GPU: {world} ranks as threads of one process on "
               f"{torch.cuda.get_device_name(0)} (emulation, no NVLink)")
+        # Compile every kernel variant on one rank first (see arfusion.testing).
+        testing.run_ranks(1, _rank_in_thread, cfg, device="cuda:0")
         rows = testing.run_ranks(world, _rank_in_thread, cfg, device="cuda:0")
     else:
         rows = testing.run_processes(world, run_rank, cfg,

@@ -6,12 +6,20 @@
   concurrently.
 - `run_processes`: N spawned processes joined by `torch.distributed` (gloo on
   CPU, nccl with one GPU each).
-- `make_case` draws a call's inputs reproducibly, so every rank can rebuild every
+- `Case` draws a call's inputs reproducibly, so every rank can rebuild every
   other rank's input and compute the reference locally.
 - `check_outputs` compares one rank's outputs with `arfusion.reference` by the
   rules of SPEC.md: output and residual_out bit-exact, norm_out within 1 ulp
   (16-bit) or 32 ulp (fp32), quantised bytes equal except where the reference
   value is within 1 ulp of a rounding boundary (counted).
+
+Ranks as threads on one GPU follow one discipline (`run_case` does): prepare
+everything, meet at a barrier, launch, synchronise the rank's own stream, and
+only then allocate, memset or compile anything. A device allocation, memset or
+module load issued while a rank's kernel waits for a peer serialises the GPU
+(CUDA's implicit synchronisation), so the peer's kernel cannot start and both
+wait until the timeout. Compile every kernel variant first (one rank alone)
+for the same reason. Separate processes on separate GPUs need none of this.
 """
 
 from __future__ import annotations
@@ -402,18 +410,24 @@ class CaseResult:
 
 
 def run_case(workspace, case: Case, rank: int, world_size: int, device: torch.device | str,
-             exact: bool = False, with_output: bool = True, **call_kwargs) -> CaseResult:
+             exact: bool = False, with_output: bool = True, comm: InProcessBackend | None = None,
+             **call_kwargs) -> CaseResult:
     """One checked call of `allreduce_fusion` on this rank (all ranks must run it).
 
     Outputs are poisoned first; the result is compared with the reference built
     from every rank's input; `call_kwargs` go to allreduce_fusion (use_oneshot,
-    launch_with_pdl, ...).
+    launch_with_pdl, ...). With `comm` (ranks as threads), ranks meet at a barrier
+    before the call and the rank's stream is synchronised after it (module docstring).
     """
     from .api import allreduce_fusion
 
     out = case_outputs(case, device, with_output)
-    ret = allreduce_fusion(case.input(rank, device), workspace, case.pattern, **out,
-                           **case_kwargs(case, device), **call_kwargs)
+    x, kwargs = case.input(rank, device), case_kwargs(case, device)
+    if comm is not None:
+        comm.barrier()
+    ret = allreduce_fusion(x, workspace, case.pattern, **out, **kwargs, **call_kwargs)
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream().synchronize()
     if ret is not out[PATTERNS[case.pattern].returns]:
         raise AssertionError("allreduce_fusion did not return the pattern's output tensor")
     check = check_outputs(out, case.reference(world_size, device), case, exact=exact)

@@ -59,7 +59,7 @@ def residual_add(s, row, cols, cm, H, out_ptr, residual_in_ptr, residual_out_ptr
 @triton.jit
 def inv_rms(ssq, H, eps):
     """1 / sqrt(ssq / H + eps), each step correctly rounded."""
-    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(ssq, H.to(tl.float32)) + eps))
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(ssq, tl.cast(H, tl.float32)) + eps))
 
 
 @triton.jit

@@ -99,6 +99,7 @@ def launch(call: FusionCall, res: Resources, oneshot: bool, timeout_ns: int) -> 
         LAYOUT=call.layout_code if quant == Quant.NVFP4 else 0,
         SCALE_FROM_PTR=scale_from_ptr, BLOCK=block, NUM_CHUNKS=triton.cdiv(h, block),
         PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()],
-        USE_PDL=call.launch_with_pdl, TRIGGER_AT_END=call.trigger_completion_at_end,
+        USE_PDL=call.launch_with_pdl,
+        TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl,
         num_warps=num_warps, launch_pdl=call.launch_with_pdl, enable_fp_fusion=False,
     )

@@ -68,7 +68,7 @@ def report_missing(state_ptr, err_addr, peer, mask):
     tl.atomic_xchg(state_ptr + STATE_ABORT, 1)
     err = err_addr.to(tl.pointer_type(tl.int32))
     tl.store(err, 1)
-    tl.store(err + 1 + peer, 1, mask=mask)
+    tl.store(err + 1 + (peer + tl.zeros(mask.shape, tl.int32)), 1, mask=mask)
 
 
 @triton.jit
