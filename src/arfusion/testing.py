@@ -183,6 +183,7 @@ class Case:
     scale_factor: float = 1.0
     weight_bias: float = 0.0
     rms_eps: float = 1e-6
+    scale_as_tensor: bool = False  # pass scale_factor as a 1-element fp32 tensor
 
     def _generator(self, salt: int, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + salt)
@@ -206,7 +207,8 @@ class Case:
             "rms_gamma": gamma.to(self.dtype),
             "rms_eps": self.rms_eps,
             "weight_bias": self.weight_bias,
-            "scale_factor": self.scale_factor,
+            "scale_factor": (torch.full((1,), self.scale_factor, device=device)
+                             if self.scale_as_tensor else self.scale_factor),
             "layout_code": self.layout_code,
         }
 
@@ -329,6 +331,7 @@ def _check_quant(got, ref, case: Case, exact: bool, res: CheckResult) -> None:
     if not q_ok.all():
         res.problems.append(f"quant_out: {(~q_ok).sum().item()} bytes off by more than a boundary")
     res.boundary += int((q != _bytes(candidates[0][0])).sum().item())
+    _check_dequantised(got, n, case, res)
     if quant == Quant.NONE or got.get("scale_out") is None:
         return
     s = _elems(got["scale_out"].view(candidates[0][1].dtype))
@@ -344,6 +347,33 @@ def _check_quant(got, ref, case: Case, exact: bool, res: CheckResult) -> None:
         s_ok = s_ok[idx]
     if not s_ok.all():
         res.problems.append(f"scale_out: {(~s_ok).sum().item()} scales off by more than a boundary")
+
+
+def _check_dequantised(got, n: torch.Tensor, case: Case, res: CheckResult) -> None:
+    """Dequantised output within the format's rounding error of the reference norm
+    (saturated values and NVFP4 blocks whose scale saturated or underflowed excepted)."""
+    quant = PATTERNS[case.pattern].quant
+    nf = n.float()
+    sf = case.scale_factor
+    if quant == Quant.NVFP4:
+        t, h = case.num_tokens, case.hidden_dim
+        deq = reference.dequantize_nvfp4(got["quant_out"], got["scale_out"], sf,
+                                         case.layout_code).reshape(t, h // 16, 16)
+        block = reference.read_scales(got["scale_out"], t, h, case.layout_code).unsqueeze(-1)
+        err = (deq - nf.reshape(t, h // 16, 16)).abs()
+        # E2M1's widest gap is 2 (4 to 6): half of it, in this block's units.
+        bound = block / sf * 1.0 * (1 + 1e-6)
+        exact = (block > 0) & (block < reference.FP8_MAX)
+        bad = (err > bound) & exact
+    else:
+        scale = got["scale_out"].float().reshape(-1, 1) if quant == Quant.DYNAMIC_FP8 else sf
+        deq = got["quant_out"].float() * scale
+        # e4m3: half an ulp is 2^-4 relative; subnormals are 2^-9 apart.
+        bound = nf.abs() * 2.0**-4 + 2.0**-10 * scale
+        saturated = nf.abs() / scale >= reference.FP8_MAX
+        bad = ((deq - nf).abs() > bound * (1 + 1e-6)) & ~saturated
+    if bad.any():
+        res.problems.append(f"dequantised: {int(bad.sum())} values beyond the format's bound")
 
 
 def digest(tensors: dict[str, torch.Tensor | None]) -> str:

@@ -187,6 +187,12 @@ def _many_calls_rank(ctx, calls, batch):
     return bad
 
 
+def test_1000_consecutive_calls_with_changing_shapes():
+    run_ranks(1, _many_calls_rank, 30, 30, device=CUDA)  # compile alone first
+    for bad in run_ranks(4, _many_calls_rank, 1000, 50, device=CUDA):
+        assert bad == []
+
+
 def _graph_rank(ctx, replays):
     dtype = torch.bfloat16
     cases = [Case(P.kARResidualRMSNorm, 7, 2880, dtype, seed=0),
@@ -308,10 +314,12 @@ def _ipc_rank(rank, world_size):
 
     device = torch.device(CUDA)
     comm = TorchDistBackend()
-    torch.cuda.synchronize()
-    free_before = torch.cuda.mem_get_info(device)[0]
     ok = []
-    for _ in range(20):
+    free_before = None
+    for i in range(21):
+        if i == 1:  # after one round: the CUDA runtime's own start-up memory is in use
+            torch.cuda.synchronize()
+            free_before = torch.cuda.mem_get_info(device)[0]
         buf = CudaIpcBuffer(comm, 4 << 20, device)
         buf.local.fill_(rank + 1)
         torch.cuda.synchronize()
@@ -333,7 +341,7 @@ def _ipc_rank(rank, world_size):
 
 def test_cuda_ipc_between_two_processes_on_one_gpu():
     for ok, leaked in run_processes(2, _ipc_rank, backend="gloo"):
-        assert all(ok) and len(ok) == 40
+        assert all(ok) and len(ok) == 42
         assert leaked < (4 << 20)  # 20 buffers of 4 MiB created and freed
 
 
