@@ -181,7 +181,7 @@ def _graph_scale_rank(ctx, replays):
             ctx.comm.barrier()
             graph.replay()
             ctx.stream.synchronize()
-            for case, _, out, kw, _ in static:
+            for case, _, out, _, _ in static:
                 inputs = [case.input(r, CUDA) for r in range(ctx.world_size)]
                 shared = Case(case.pattern, case.num_tokens, case.hidden_dim, dtype,
                               layout_code=case.layout_code).shared(CUDA)
