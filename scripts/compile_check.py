@@ -51,7 +51,7 @@ def compile_one(kernel, dt, pattern, write_output, layout, block, chunks, pdl, t
                or n in ("buf_stride", "stride") or (n == "H" and block >= 4096)]
     names = list(kernel.arg_names)
     sig = {names[i]: v for i, v in enumerate(generic.values())}
-    warps = min(16, max(4, block // 256))
+    warps = min(16, max(1, block // 256))
     const = dict(NORM=traits.norm, WRITE_OUTPUT=traits.norm and write_output,
                  WRITE_NORM=traits.norm_out, QUANT=int(traits.quant), LAYOUT=layout,
                  SCALE_FROM_PTR=False, BLOCK=block, NUM_CHUNKS=chunks,

@@ -108,19 +108,31 @@ def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     return mag.to(torch.uint8) | (torch.signbit(y).to(torch.uint8) << 3)
 
 
+def nvfp4_block_scales(n: torch.Tensor, scale_factor: float | torch.Tensor) -> torch.Tensor:
+    """E4M3 block scales [T, H/16]: e4m3_satfinite(scale_factor * amax / 6) per block."""
+    t, h = n.shape
+    v = n.float().reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
+    gs = _scale_tensor(scale_factor, v)
+    return e4m3(gs * v.abs().amax(-1) / _const(E2M1_MAX, v))
+
+
+def nvfp4_codes(n: torch.Tensor, block_scales: torch.Tensor,
+                scale_factor: float | torch.Tensor) -> torch.Tensor:
+    """Unpacked E2M1 codes [T, H] of `n` given its block scales: nearest of v * k,
+    k = scale_factor / block_scale (0 where the block scale is 0)."""
+    t, h = n.shape
+    v = n.float().reshape(t, h // NVFP4_BLOCK, NVFP4_BLOCK)
+    sf_f = block_scales.float()
+    k = torch.where(sf_f == 0, torch.zeros_like(sf_f), _scale_tensor(scale_factor, v) / sf_f)
+    return e2m1_codes(v * k.unsqueeze(-1)).reshape(t, h)
+
+
 def quantize_nvfp4(
     n: torch.Tensor, scale_factor: float | torch.Tensor, layout: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4: returns (packed codes uint8 [T, H/2], scale bytes uint8 in `layout` order)."""
-    t, h = n.shape
-    k_blocks = h // NVFP4_BLOCK
-    v = n.float().reshape(t, k_blocks, NVFP4_BLOCK)
-    gs = _scale_tensor(scale_factor, v)
-    amax = v.abs().amax(-1)
-    sf = e4m3(gs * amax / _const(E2M1_MAX, v))
-    sf_f = sf.float()
-    k = torch.where(sf_f == 0, torch.zeros_like(sf_f), gs / sf_f)
-    codes = e2m1_codes(v * k.unsqueeze(-1)).reshape(t, h)
+    sf = nvfp4_block_scales(n, scale_factor)
+    codes = nvfp4_codes(n, sf, scale_factor)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed, scatter_scales(sf.view(torch.uint8), layout)
 

@@ -112,11 +112,11 @@ def _edge_rank(ctx, dtype, scales):
                 case = Case(pattern, t, h, dtype, layout_code=layout, scale_factor=scale,
                             rms_eps=0.0)
                 outs = case_outputs(case, CUDA, with_output=False)
-                sf = torch.full((1,), scale, device=CUDA) if as_tensor else scale
                 kw = dict(residual_in=residual, rms_gamma=gamma, rms_eps=0.0,
                           use_oneshot=oneshot)
-                if PATTERNS[pattern].quant != Quant.DYNAMIC_FP8:
-                    kw["scale_factor"] = sf
+                if scale is not None:
+                    kw["scale_factor"] = torch.full((1,), scale, device=CUDA) if as_tensor \
+                        else scale
                 ctx.comm.barrier()
                 allreduce_fusion(x[ctx.rank], ws, pattern, layout_code=layout, **outs, **kw)
                 ctx.stream.synchronize()

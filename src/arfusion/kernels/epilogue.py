@@ -104,11 +104,11 @@ def store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, scale_factor,
     sf = e4m3(tl.div_rn(scale_factor * amax, 6.0))
     sf_f = sf.to(tl.float32)
     k = tl.where(sf_f == 0.0, 0.0, tl.div_rn(tl.zeros_like(sf_f) + scale_factor, sf_f))
-    codes = tl.reshape(e2m1_codes(v * k[:, None]), [BLOCK // 2, 2])
-    lo, hi = tl.split(codes)
+    # Pack pairs, low nibble first: the nibbles do not overlap, so a sum is an or.
+    pairs = tl.reshape(e2m1_codes(v * k[:, None]), [BLOCK // 2, 2])
+    packed = tl.sum(pairs << (tl.arange(0, 2) * 4)[None, :], axis=1)
     pcols = c0 // 2 + tl.arange(0, BLOCK // 2)
-    tl.store(quant_ptr + row * (H // 2) + pcols, (lo | (hi << 4)).to(tl.uint8),
-             mask=pcols < H // 2)
+    tl.store(quant_ptr + row * (H // 2) + pcols, packed.to(tl.uint8), mask=pcols < H // 2)
     kb = c0 // 16 + tl.arange(0, NB)
     off = sf_offset(row, kb, H // 16, LAYOUT)
     tl.store(scale_out_ptr + off, sf.to(tl.uint8, bitcast=True), mask=kb < H // 16)

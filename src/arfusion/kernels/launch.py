@@ -62,7 +62,8 @@ def launch(call: FusionCall, res: Resources, oneshot: bool, timeout_ns: int) -> 
     n = t * h
     traits = call.traits
     block = max(64, min(triton.next_power_of_2(h), MAX_BLOCK))
-    num_warps = min(16, max(4, block // 256))
+    # At least two elements per thread: no lane holds a replicated copy of another's.
+    num_warps = min(16, max(1, block // 256))
     push_block = num_warps * 32 * (16 // x.element_size())
     if oneshot:
         kernel, stride = oneshot_kernel, round_up(n, 16)
