@@ -35,9 +35,13 @@ class CommBackend(Protocol):
 
 
 class TorchDistBackend:
-    """`CommBackend` over a `torch.distributed` process group (default: WORLD)."""
+    """`CommBackend` over a `torch.distributed` process group (default: WORLD).
 
-    def __init__(self, group: Any = None):
+    `order` lists the group's ranks in this backend's rank order (MPI's Split orders
+    by key; torch.distributed groups always order by global rank).
+    """
+
+    def __init__(self, group: Any = None, order: Sequence[int] | None = None):
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
@@ -47,9 +51,10 @@ class TorchDistBackend:
             )
         self._dist = dist
         self.group = group if group is not None else dist.group.WORLD
+        self._order = list(order) if order is not None else list(range(self.Get_size()))
 
     def Get_rank(self) -> int:
-        return self._dist.get_rank(self.group)
+        return self._order.index(self._dist.get_rank(self.group))
 
     def Get_size(self) -> int:
         return self._dist.get_world_size(self.group)
@@ -57,11 +62,11 @@ class TorchDistBackend:
     def allgather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.Get_size()
         self._dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return [out[g] for g in self._order]
 
     def bcast(self, obj: Any, root: int) -> Any:
         box = [obj]
-        src = self._dist.get_global_rank(self.group, root)
+        src = self._dist.get_global_rank(self.group, self._order[root])
         self._dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
@@ -71,14 +76,15 @@ class TorchDistBackend:
     def Split(self, color: int, key: int) -> TorchDistBackend:
         # new_group is collective over the whole parent group: every rank creates
         # every color's group, in the same order, and keeps its own.
-        members = self.allgather((color, key, self._dist.get_rank()))
+        me = self._dist.get_rank()
+        members = self.allgather((color, key, self.Get_rank(), me))
         mine = None
         for c in sorted({m[0] for m in members}):
-            ranks = [g for _, _, g in sorted(m for m in members if m[0] == c)]
-            group = self._dist.new_group(ranks)
+            by_key = [m[3] for m in sorted(m for m in members if m[0] == c)]
+            group = self._dist.new_group(sorted(by_key))
             if c == color:
-                mine = group
-        return TorchDistBackend(mine)
+                mine = (group, [sorted(by_key).index(g) for g in by_key])
+        return TorchDistBackend(*mine)
 
 
 class MPIBackend:
@@ -119,6 +125,7 @@ class InProcessGroup:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
+        self.timeout_s = timeout_s
         self._barrier = threading.Barrier(world_size, timeout=timeout_s)
         self._slots: list[Any] = [None] * world_size
         self._splits: dict[tuple[int, int], InProcessGroup] = {}
@@ -146,7 +153,7 @@ class InProcessGroup:
             key = (self._split_count[rank], color)
             self._split_count[rank] += 1
             if key not in self._splits:
-                self._splits[key] = InProcessGroup(size, self._barrier.timeout)
+                self._splits[key] = InProcessGroup(size, self.timeout_s)
             return self._splits[key]
 
 

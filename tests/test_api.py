@@ -1,0 +1,161 @@
+"""The public API: signatures, backend selection, workspace life cycle, lazy imports."""
+
+import gc
+import inspect
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import arfusion
+from arfusion import (
+    AllReduceFusionWorkspace,
+    InProcessGroup,
+    TorchAllReduceFusionWorkspace,
+    allreduce_fusion,
+    create_allreduce_fusion_workspace,
+)
+
+SEED_SIGNATURE = [
+    ("backend", "auto"), ("world_size", None), ("rank", None), ("max_token_num", None),
+    ("hidden_dim", None), ("dtype", None), ("gpus_per_node", None), ("comm_backend", None),
+    ("force_oneshot_support", False), ("group", None),
+]
+FUSION_SIGNATURE = [
+    ("input", inspect.Parameter.empty), ("workspace", inspect.Parameter.empty),
+    ("pattern", inspect.Parameter.empty), ("launch_with_pdl", False),
+    ("trigger_completion_at_end", True), ("output", None), ("residual_out", None),
+    ("norm_out", None), ("quant_out", None), ("scale_out", None), ("residual_in", None),
+    ("rms_gamma", None), ("rms_eps", 1e-6), ("scale_factor", None), ("layout_code", None),
+    ("use_oneshot", None), ("fp32_acc", False), ("weight_bias", 0.0),
+]
+
+
+def params(fn):
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_signatures_match_the_seed_and_flashinfer():
+    assert params(create_allreduce_fusion_workspace) == SEED_SIGNATURE
+    assert params(allreduce_fusion) == FUSION_SIGNATURE
+
+
+def test_auto_without_gpu_lists_reasons_and_suggests_torch():
+    with pytest.raises(ValueError) as e:
+        create_allreduce_fusion_workspace("auto", world_size=8, rank=0, max_token_num=2048,
+                                          hidden_dim=4096, dtype=torch.bfloat16)
+    msg = str(e.value)
+    assert "trtllm: CUDA is not available" in msg and "mnnvl: CUDA is not available" in msg
+    assert 'backend="torch"' in msg
+
+
+def test_explicit_gpu_backend_without_gpu_is_a_value_error():
+    with pytest.raises(ValueError, match="backend 'trtllm' cannot serve this request: CUDA"):
+        create_allreduce_fusion_workspace("trtllm", world_size=1, rank=0, max_token_num=8,
+                                          hidden_dim=8, dtype=torch.float16)
+
+
+def test_unknown_backend_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match="Unknown backend: 'nccl'"):
+        create_allreduce_fusion_workspace("nccl", world_size=1, rank=0, max_token_num=8,
+                                          hidden_dim=8, dtype=torch.float16)
+
+
+def test_topology_rejections(monkeypatch):
+    from arfusion import topology
+
+    monkeypatch.setattr(topology, "_gpu_stack_missing", lambda: None)
+    monkeypatch.setattr(topology, "_peer_access_missing", lambda gpus: None)
+
+    def req(world, gpn, comm=None):
+        return topology.make_request(world, 0, 16, 64, torch.bfloat16, gpn, comm, False, None)
+
+    assert topology.trtllm_rejection(req(8, 8)) is None
+    assert "span 2 nodes" in topology.trtllm_rejection(req(16, 8))
+    assert "at most 16 ranks" in topology.trtllm_rejection(req(32, 32))
+    # ranks that are threads of one process share its node, whatever gpus_per_node says
+    assert topology.trtllm_rejection(req(4, 1, InProcessGroup(4).backends()[0])) is None
+    assert "not implemented" in topology.mnnvl_rejection(req(8, 8))
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(world_size=2, rank=2), ValueError, r"rank must be an int in \[0, 2\)"),
+    (dict(world_size=0, rank=0), ValueError, "world_size must be >= 1"),
+    (dict(world_size=1, rank=0, max_token_num=0), ValueError, "max_token_num must be >= 1"),
+    (dict(world_size=1, rank=0, hidden_dim=None), ValueError, "hidden_dim is required"),
+    (dict(world_size=1, rank=0, dtype=torch.int8), ValueError, "dtype must be one of"),
+    (dict(world_size=None, rank=0), ValueError, "world_size is required"),
+    (dict(world_size=1, rank=0, comm_backend=object()), TypeError,
+     "comm_backend must implement CommBackend"),
+    (dict(world_size=3, rank=0, comm_backend=InProcessGroup(2).backends()[0]), ValueError,
+     "do not match comm_backend"),
+    (dict(world_size=1, rank=0, force_oneshot_support=1), TypeError,
+     "force_oneshot_support must be a bool"),
+])
+def test_bad_workspace_arguments(kwargs, exc, msg):
+    args = dict(backend="torch", max_token_num=8, hidden_dim=8, dtype=torch.float16)
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        create_allreduce_fusion_workspace(**args)
+
+
+def test_world_size_and_rank_come_from_comm_backend():
+    comm = InProcessGroup(1).backends()[0]
+    with create_allreduce_fusion_workspace("torch", max_token_num=8, hidden_dim=8,
+                                           dtype=torch.float16, comm_backend=comm) as ws:
+        assert (ws.world_size, ws.rank, ws.backend) == (1, 0, "torch")
+
+
+def test_life_cycle_destroy_idempotent_context_manager_and_resource_warning():
+    ws = create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=8,
+                                           hidden_dim=8, dtype=torch.float16)
+    assert isinstance(ws, AllReduceFusionWorkspace)
+    assert isinstance(ws, TorchAllReduceFusionWorkspace)
+    ws.destroy()
+    ws.destroy()
+    assert ws.destroyed
+    with create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=8,
+                                           hidden_dim=8, dtype=torch.float16) as ws2:
+        assert not ws2.destroyed
+    assert ws2.destroyed
+    leaked = create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=8,
+                                               hidden_dim=8, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del leaked
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+def test_mnnvl_class_exists_but_is_not_constructible_yet():
+    with pytest.raises(NotImplementedError, match="mnnvl backend is not implemented"):
+        arfusion.MNNVLAllReduceFusionWorkspace()
+
+
+def test_import_needs_neither_triton_nor_cuda_python():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('triton', 'cuda'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, arfusion\n"
+        "ws = arfusion.create_allreduce_fusion_workspace('torch', world_size=1, rank=0,\n"
+        "    max_token_num=2, hidden_dim=16, dtype=torch.float16)\n"
+        "out = arfusion.allreduce_fusion(torch.ones(2, 16).half(), ws, 0)\n"
+        "assert out.sum().item() == 32\n"
+        "ws.destroy()\n"
+        "assert 'triton' not in sys.modules and 'mpi4py' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_custom_op_is_registered_with_a_schema():
+    schema = str(torch.ops.arfusion.allreduce_fusion_.default._schema)
+    assert "Tensor(a5!)? output" in schema and "Tensor? residual_in" in schema

@@ -1,0 +1,62 @@
+"""The torch backend over gloo: every pattern, dtype and many shapes at world sizes 1 to 4.
+
+Each rank's outputs must equal arfusion.reference bit for bit (the backend runs
+the reference epilogue on the rank-order fp32 sum), and all ranks must agree.
+"""
+
+import pytest
+import torch
+
+from arfusion import create_allreduce_fusion_workspace
+from arfusion.patterns import PATTERNS, Quant
+from arfusion.testing import Case, pattern_supports, run_case, run_processes, run_ranks
+
+SHAPES = [(1, 16), (3, 17), (1, 1), (7, 2880), (300, 64), (2, 5120), (5, 7168), (1, 8192),
+          (33, 1000), (130, 48)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cases(world_size):
+    out = []
+    for pattern in sorted(PATTERNS):
+        quant = PATTERNS[pattern].quant
+        for dtype in DTYPES:
+            for t, h in SHAPES:
+                if not pattern_supports(pattern, h, dtype):
+                    continue
+                i = len(out)
+                scale = {Quant.FP8: 0.07, Quant.NVFP4: 300.0}.get(quant, 1.0)
+                out.append(Case(pattern, t, h, dtype, seed=world_size * 1000 + i,
+                                layout_code=i % 3, scale_factor=scale,
+                                weight_bias=float(i % 2), scale_as_tensor=bool(i % 4 == 1)))
+    return out
+
+
+def _rank(rank, world_size, comm=None):
+    results = []
+    for dtype in DTYPES:
+        with create_allreduce_fusion_workspace(
+                "torch", world_size=world_size, rank=rank, max_token_num=300,
+                hidden_dim=8192, dtype=dtype, comm_backend=comm) as ws:
+            for i, case in enumerate(c for c in cases(world_size) if c.dtype == dtype):
+                res = run_case(ws, case, rank, world_size, "cpu", exact=True,
+                               with_output=bool(i % 2))
+                results.append((res.label, res.check.ok, res.check.problems, res.digest))
+    return results
+
+
+def _check(results_by_rank):
+    assert len(results_by_rank[0]) == sum(1 for _ in cases(len(results_by_rank)))
+    for i, (label, _, _, digest) in enumerate(results_by_rank[0]):
+        for rank, results in enumerate(results_by_rank):
+            assert results[i][1], f"rank {rank} {label}: {results[i][2]}"
+            assert results[i][3] == digest, f"{label}: rank {rank} got other bits"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_gloo_processes_match_reference(world_size):
+    _check(run_processes(world_size, _rank, timeout_s=900))
+
+
+def test_ranks_as_threads_with_in_process_backend():
+    _check(run_ranks(3, lambda ctx: _rank(ctx.rank, ctx.world_size, ctx.comm)))

@@ -1,0 +1,150 @@
+"""Every validation error: raised before anything runs, naming the argument, no output touched."""
+
+import pytest
+import torch
+
+from arfusion import AllReduceFusionPattern as P
+from arfusion import allreduce_fusion, create_allreduce_fusion_workspace
+from arfusion.testing import poison
+
+T, H = 4, 32
+BF = torch.bfloat16
+
+
+@pytest.fixture
+def ws():
+    w = create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=T,
+                                          hidden_dim=H, dtype=BF)
+    yield w
+    w.destroy()
+
+
+def base(pattern=P.kARResidualRMSNorm, **over):
+    kw = dict(input=torch.randn(T, H).to(BF), pattern=pattern,
+              residual_in=torch.randn(T, H).to(BF), rms_gamma=torch.ones(H, dtype=BF),
+              residual_out=poison(torch.empty(T, H, dtype=BF)),
+              norm_out=poison(torch.empty(T, H, dtype=BF)))
+    if pattern in (2, 3, 4, 5):
+        kw["scale_factor"] = 1.0
+    if pattern in (2, 3, 10):
+        kw.pop("norm_out")
+    if pattern == 0:
+        for k in ("residual_in", "rms_gamma", "residual_out", "norm_out"):
+            kw.pop(k)
+    kw.update(over)
+    return {k: v for k, v in kw.items() if v is not DROP}
+
+
+DROP = object()
+
+CASES = [
+    # (description, pattern, overrides, exception, message regex)
+    ("input not a tensor", 1, dict(input=[[1.0]]), TypeError, "input must be a torch.Tensor"),
+    ("input 1-D", 1, dict(input=torch.randn(H).to(BF)), ValueError, "input must be 2-D"),
+    ("input wrong dtype", 1, dict(input=torch.randn(T, H)), ValueError,
+     "input must have the workspace dtype"),
+    ("input not contiguous", 1, dict(input=torch.randn(H, T).to(BF).t()), ValueError,
+     "input must be contiguous"),
+    ("input too large", 1, dict(input=torch.randn(T + 1, H).to(BF)), ValueError,
+     "exceeds the workspace's capacity"),
+    ("zero tokens", 1, dict(input=torch.randn(0, H).to(BF)), ValueError, "at least one token"),
+    ("pattern unsupported", 6, {}, ValueError, r"pattern 6 \(kMoEReductionARResidualRMSNorm\)"),
+    ("pattern unknown", 42, {}, ValueError, "pattern must be one of"),
+    ("pattern not int", "1", {}, TypeError, "pattern must be an AllReduceFusionPattern"),
+    ("residual missing", 1, dict(residual_in=DROP), ValueError, "residual_in is required"),
+    ("gamma missing", 1, dict(rms_gamma=DROP), ValueError, "rms_gamma is required"),
+    ("residual shape", 1, dict(residual_in=torch.randn(T, H + 1).to(BF)), ValueError,
+     r"residual_in must have shape \[4, 32\]"),
+    ("residual dtype", 1, dict(residual_in=torch.randn(T, H).half()), ValueError,
+     "residual_in must have dtype torch.bfloat16"),
+    ("gamma shape", 1, dict(rms_gamma=torch.ones(H + 1, dtype=BF)), ValueError,
+     r"rms_gamma must have shape \[32\]"),
+    ("gamma dtype", 1, dict(rms_gamma=torch.ones(H, dtype=torch.int32)), ValueError,
+     "rms_gamma must have dtype"),
+    ("negative eps", 1, dict(rms_eps=-1.0), ValueError, "rms_eps must be >= 0"),
+    ("eps not a number", 1, dict(rms_eps="x"), TypeError, "rms_eps must be a float"),
+    ("output shape", 1, dict(output=torch.empty(T, H - 1, dtype=BF)), ValueError,
+     "output must have shape"),
+    ("residual_out dtype", 1, dict(residual_out=torch.empty(T, H)), ValueError,
+     "residual_out must have dtype"),
+    ("norm_out for a non-Out pattern", 2, dict(norm_out=torch.empty(T, H, dtype=BF)),
+     ValueError, "norm_out is not written by pattern kARResidualRMSNormFP8Quant"),
+    ("quant_out for kARResidualRMSNorm", 1, dict(quant_out=torch.empty(T, H, dtype=torch.uint8)),
+     ValueError, "quant_out is not written"),
+    ("residual_out for kAllReduce", 0, dict(residual_out=torch.empty(T, H, dtype=BF)),
+     ValueError, "residual_out is not written"),
+    ("scale_factor missing", 2, dict(scale_factor=DROP), ValueError, "scale_factor is required"),
+    ("scale_factor zero", 2, dict(scale_factor=0.0), ValueError, "scale_factor must be finite"),
+    ("scale_factor wrong tensor", 2, dict(scale_factor=torch.ones(2)), ValueError,
+     "1-element torch.float32 tensor"),
+    ("scale_factor string", 2, dict(scale_factor="1"), TypeError, "scale_factor must be a float"),
+    ("fp8 quant_out dtype", 2, dict(quant_out=torch.empty(T, H, dtype=torch.uint8)), ValueError,
+     "quant_out must have dtype torch.float8_e4m3fn"),
+    ("fp4 quant_out dtype", 3, dict(quant_out=torch.empty(T, H // 2, dtype=BF)), ValueError,
+     "quant_out must have dtype torch.uint8"),
+    ("fp4 quant_out shape", 3, dict(quant_out=torch.empty(T, H, dtype=torch.uint8)), ValueError,
+     r"quant_out must have shape \[4, 16\]"),
+    ("fp4 scale_out too small", 3, dict(scale_out=torch.empty(511, dtype=torch.uint8)),
+     ValueError, "scale_out must hold at least 512 bytes"),
+    ("fp4 scale_out too small linear", 3, dict(scale_out=torch.empty(7, dtype=torch.uint8),
+                                               layout_code=2), ValueError,
+     "at least 8 bytes .* LINEAR"),
+    ("fp4 scale_out dtype", 3, dict(scale_out=torch.empty(512, dtype=torch.int32)), ValueError,
+     "scale_out must have dtype"),
+    ("fp4 bad layout", 3, dict(layout_code=3), ValueError, "layout_code must be a"),
+    ("dynamic scale_out dtype", 10, dict(scale_out=torch.empty(T, 1, dtype=BF)), ValueError,
+     "scale_out must have dtype torch.float32"),
+    ("dynamic scale_out shape", 10, dict(scale_out=torch.empty(T, 2)), ValueError,
+     r"scale_out must have shape \[4, 1\]"),
+    ("use_oneshot not bool", 1, dict(use_oneshot=1), TypeError, "use_oneshot must be"),
+]
+
+
+@pytest.mark.parametrize("desc,pattern,over,exc,msg", CASES, ids=[c[0] for c in CASES])
+def test_bad_call_raises_before_touching_outputs(ws, desc, pattern, over, exc, msg):
+    kw = base(pattern if isinstance(pattern, int) and pattern in (0, 1, 2, 3, 10) else 1, **over)
+    kw["pattern"] = pattern
+    outs = {k: v for k, v in kw.items() if k.endswith("_out") or k == "output"}
+    before = {k: v.clone() for k, v in outs.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(exc, match=msg):
+        allreduce_fusion(workspace=ws, **kw)
+    for k, v in before.items():
+        assert torch.equal(outs[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_nvfp4_needs_16_bit_input_and_hidden_multiple_of_16():
+    with create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=4,
+                                           hidden_dim=40, dtype=torch.float32) as w32:
+        with pytest.raises(ValueError, match="NVFP4 patterns need float16 or bfloat16"):
+            allreduce_fusion(torch.randn(2, 32), w32, 3, residual_in=torch.randn(2, 32),
+                             rms_gamma=torch.ones(32), scale_factor=1.0)
+    with create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=4,
+                                           hidden_dim=40, dtype=BF) as w:
+        with pytest.raises(ValueError, match="hidden_dim % 16 == 0, got hidden_dim=40"):
+            allreduce_fusion(torch.randn(2, 40).to(BF), w, 3,
+                             residual_in=torch.randn(2, 40).to(BF),
+                             rms_gamma=torch.ones(40, dtype=BF), scale_factor=1.0)
+
+
+def test_workspace_argument_checks(ws):
+    with pytest.raises(TypeError, match="workspace must be an AllReduceFusionWorkspace"):
+        allreduce_fusion(torch.randn(T, H).to(BF), object(), 0)
+    ws.destroy()
+    with pytest.raises(ValueError, match="workspace has been destroyed"):
+        allreduce_fusion(torch.randn(T, H).to(BF), ws, 0)
+
+
+def test_device_mismatch_is_rejected(ws):
+    with pytest.raises(ValueError, match="rms_gamma must be on cpu"):
+        allreduce_fusion(torch.randn(T, H).to(BF), ws, 1, residual_in=torch.randn(T, H).to(BF),
+                         rms_gamma=torch.ones(H, dtype=BF, device="meta"))
+
+
+def test_reuse_with_other_shapes_within_capacity(ws):
+    assert ws.is_buffer_size_sufficient(1, 2, 64, BF)
+    assert ws.is_buffer_size_sufficient(1, 128, 1, BF)
+    assert not ws.is_buffer_size_sufficient(1, 129, 1, BF)
+    assert not ws.is_buffer_size_sufficient(2, 1, 1, BF)  # other world size
+    assert not ws.is_buffer_size_sufficient(1, 1, 1, torch.float16)  # other dtype
+    out = allreduce_fusion(torch.randn(2, 64).to(BF), ws, 0)
+    assert out.shape == (2, 64)
