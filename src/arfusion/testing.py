@@ -102,6 +102,26 @@ def run_ranks(
     return results
 
 
+def capture_graph(ctx: RankContext, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """Run `step` once (all ranks together), then capture it on the rank's stream."""
+    ctx.comm.barrier()
+    step()
+    ctx.stream.synchronize()
+    ctx.comm.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=ctx.stream, capture_error_mode="thread_local"):
+        step()
+    return graph
+
+
+def replay_graph(ctx: RankContext, graph: torch.cuda.CUDAGraph) -> None:
+    """Replay with every rank, following the barrier discipline (module docstring)."""
+    ctx.stream.synchronize()
+    ctx.comm.barrier()
+    graph.replay()
+    ctx.stream.synchronize()
+
+
 def _is_broken_barrier(e: BaseException) -> bool:
     return isinstance(e, threading.BrokenBarrierError)
 

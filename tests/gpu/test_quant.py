@@ -15,7 +15,16 @@ import torch
 
 from arfusion import AllReduceFusionPattern, allreduce_fusion, reference
 from arfusion.patterns import PATTERNS, Quant
-from arfusion.testing import Case, case_kwargs, case_outputs, check_outputs, run_case, run_ranks
+from arfusion.testing import (
+    Case,
+    capture_graph,
+    case_kwargs,
+    case_outputs,
+    check_outputs,
+    replay_graph,
+    run_case,
+    run_ranks,
+)
 
 from .test_trtllm import CUDA, assert_all_good, make_workspace
 
@@ -161,13 +170,7 @@ def _graph_scale_rank(ctx, replays):
             for case, x, out, kw, oneshot in static:
                 allreduce_fusion(x, ws, case.pattern, use_oneshot=oneshot, **out, **kw)
 
-        ctx.comm.barrier()
-        step()
-        ctx.stream.synchronize()
-        ctx.comm.barrier()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=ctx.stream, capture_error_mode="thread_local"):
-            step()
+        graph = capture_graph(ctx, step)
         bad = 0
         for i in range(replays):
             for case, x, out, kw, _ in static:
@@ -177,10 +180,7 @@ def _graph_scale_rank(ctx, replays):
                 kw["scale_factor"].fill_(case.scale_factor)
                 for t in out.values():
                     t.view(torch.uint8).fill_(0xFF)
-            ctx.stream.synchronize()
-            ctx.comm.barrier()
-            graph.replay()
-            ctx.stream.synchronize()
+            replay_graph(ctx, graph)
             for case, _, out, _, _ in static:
                 inputs = [case.input(r, CUDA) for r in range(ctx.world_size)]
                 shared = Case(case.pattern, case.num_tokens, case.hidden_dim, dtype,

@@ -24,9 +24,11 @@ from arfusion import (
 from arfusion.comm import TorchDistBackend
 from arfusion.testing import (
     Case,
+    capture_graph,
     case_kwargs,
     case_outputs,
     check_outputs,
+    replay_graph,
     run_case,
     run_processes,
     run_ranks,
@@ -213,13 +215,7 @@ def _graph_rank(ctx, replays):
             for (x, out, kw), case, oneshot in zip(static, cases, (True, False), strict=True):
                 allreduce_fusion(x, ws, case.pattern, use_oneshot=oneshot, **out, **kw)
 
-        ctx.comm.barrier()
-        step()  # warm-up, collective like every call
-        ctx.stream.synchronize()
-        ctx.comm.barrier()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=ctx.stream, capture_error_mode="thread_local"):
-            step()
+        graph = capture_graph(ctx, step)
         bad = 0
         for i in range(replays):
             for (x, out, _), case in zip(static, cases, strict=True):
@@ -227,10 +223,7 @@ def _graph_rank(ctx, replays):
                 x.copy_(case.input(ctx.rank, CUDA))
                 for t in out.values():
                     t.view(torch.uint8).fill_(0xFF)
-            ctx.stream.synchronize()
-            ctx.comm.barrier()
-            graph.replay()
-            ctx.stream.synchronize()
+            replay_graph(ctx, graph)
             for (_, out, _), case in zip(static, cases, strict=True):
                 # residual_in and gamma stay those captured (seed 0); only x changes.
                 ref_case = Case(case.pattern, case.num_tokens, case.hidden_dim, dtype, seed=0)

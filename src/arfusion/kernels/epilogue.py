@@ -57,6 +57,14 @@ def residual_add(s, row, cols, cm, H, out_ptr, residual_in_ptr, residual_out_ptr
 
 
 @triton.jit
+def load_scale(scale_ptr, scale_value, SCALE_FROM_PTR: tl.constexpr):
+    """The quantisation scale: from a device tensor (CUDA-graph friendly) or a float."""
+    if SCALE_FROM_PTR:
+        return tl.load(scale_ptr)
+    return scale_value
+
+
+@triton.jit
 def inv_rms(ssq, H, eps):
     """1 / sqrt(ssq / H + eps), each step correctly rounded."""
     return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(ssq, tl.cast(H, tl.float32)) + eps))

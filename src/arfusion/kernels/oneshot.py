@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import process_rows, residual_add
+from .epilogue import load_scale, process_rows, residual_add
 from .protocol import call_begin, call_end, clear_stale, sanitize, store_to_peers, sum_slots
 from .ptx import release_dependents, wait_for_previous_grid
 
@@ -68,10 +68,7 @@ def oneshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
         clear_stale(buf_ptr, state_ptr, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)
-        if SCALE_FROM_PTR:
-            scale = tl.load(scale_ptr)
-        else:
-            scale = scale_value
+        scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
         process_rows(reduce_chunk, buf_ptr + rot_off, slot_stride, T, H, world_size, deadline,
                      state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
                      norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale, NORM,

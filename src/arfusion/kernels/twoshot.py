@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import process_rows
+from .epilogue import load_scale, process_rows
 from .protocol import (
     call_begin,
     call_end,
@@ -124,10 +124,7 @@ def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
                            rot_off + world_size * chunk + e, m, buf_ptr, deltas_ptr,
                            world_size)
         # 4. Finish whole rows from the gathered h.
-        if SCALE_FROM_PTR:
-            scale = tl.load(scale_ptr)
-        else:
-            scale = scale_value
+        scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
         process_rows(gathered_chunk, buf_ptr + rot_off, chunk, T, H, world_size, deadline,
                      state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
                      norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale, NORM,
