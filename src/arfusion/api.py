@@ -49,7 +49,7 @@ def create_allreduce_fusion_workspace(
                 f"(gpus_per_node={req.gpus_per_node}): {listed}. "
                 'Use backend="torch" for the portable torch.distributed fallback.'
             )
-        backend = heuristics.prefer_backend(candidates, req.world_size, req.nodes)
+        backend = heuristics.prefer_backend(candidates, req.nodes)
     elif backend in topology.REJECTIONS and (reason := topology.REJECTIONS[backend](req)):
         raise ValueError(f"backend {backend!r} cannot serve this request: {reason}")
     return workspace_class(backend).create(req)

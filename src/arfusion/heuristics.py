@@ -37,7 +37,7 @@ def oneshot_max_elements(world_size: int, dtype: torch.dtype) -> int:
     return oneshot_max_bytes(world_size) // dtype.itemsize
 
 
-def prefer_backend(candidates: list[str], world_size: int, nodes: int) -> str:
+def prefer_backend(candidates: list[str], nodes: int) -> str:
     """Pick among backends that passed their checks: trtllm within a node, else mnnvl."""
     if nodes == 1 and "trtllm" in candidates:
         return "trtllm"

@@ -14,14 +14,12 @@ choose the transport and E1.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import torch
 
 from .. import heuristics
-from ..comm import CommBackend
-from ..memory import SymmetricBuffer
+from ..memory import SymmetricBuffer, ranks_on_my_gpu
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
 
@@ -38,12 +36,6 @@ def load_kernels():
             "the trtllm and mnnvl backends need triton: pip install 'arfusion[cuda]'"
         ) from e
     return launch
-
-
-def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
-    uuid = str(torch.cuda.get_device_properties(device).uuid)
-    places = comm.allgather((socket.gethostname(), uuid))
-    return places.count((socket.gethostname(), uuid))
 
 
 class SymmetricWorkspace(AllReduceFusionWorkspace):

@@ -52,10 +52,6 @@ class Resources:
     dummy: dict[torch.dtype, torch.Tensor]  # stand-ins for pointers a pattern never uses
 
 
-def _dummy(res: Resources, dtype: torch.dtype) -> torch.Tensor:
-    return res.dummy[dtype]
-
-
 def launch(call: FusionCall, res: Resources, oneshot: bool, timeout_ns: int) -> None:
     x = call.input
     t, h = call.num_tokens, call.hidden_dim
@@ -81,7 +77,7 @@ def launch(call: FusionCall, res: Resources, oneshot: bool, timeout_ns: int) -> 
     elif quant == Quant.DYNAMIC_FP8:
         scale_out = call.scale_out
     else:
-        scale_out = _dummy(res, torch.uint8)
+        scale_out = res.dummy[torch.uint8]
     kernel[grid](
         x.view(BITS[x.element_size()]), res.buf, res.deltas, res.state, res.err_addr,
         call.output if call.output is not None else call.residual_out,
@@ -89,9 +85,9 @@ def launch(call: FusionCall, res: Resources, oneshot: bool, timeout_ns: int) -> 
         call.residual_out if traits.norm else x,
         call.rms_gamma if traits.norm else x,
         call.norm_out if traits.norm_out else x,
-        call.quant_out if quant != Quant.NONE else _dummy(res, torch.uint8),
+        call.quant_out if quant != Quant.NONE else res.dummy[torch.uint8],
         scale_out,
-        sf if scale_from_ptr else _dummy(res, torch.float32),
+        sf if scale_from_ptr else res.dummy[torch.float32],
         float(sf) if sf is not None and not scale_from_ptr else 1.0,
         call.rms_eps, call.weight_bias, t, h, res.rank, res.world_size, res.buf_stride,
         stride, timeout_ns,

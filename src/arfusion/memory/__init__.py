@@ -67,10 +67,10 @@ def wrap_pointer(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
 
 
-def ranks_share_a_gpu(comm: CommBackend, device: torch.device) -> bool:
-    uuid = str(torch.cuda.get_device_properties(device).uuid)
-    places = comm.allgather((socket.gethostname(), uuid))
-    return len(set(places)) < len(places)
+def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
+    """How many ranks of `comm` (this one included) use this rank's GPU (collective)."""
+    me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    return comm.allgather(me).count(me)
 
 
 def open_buffer(
@@ -86,7 +86,7 @@ def open_buffer(
 
         if dist.is_available() and dist.is_initialized():
             comm = TorchDistBackend(group)
-            if not ranks_share_a_gpu(comm, device):
+            if ranks_on_my_gpu(comm, device) == 1:
                 from .torch_symm import TorchSymmBuffer
 
                 return TorchSymmBuffer(comm, nbytes, device, group)
