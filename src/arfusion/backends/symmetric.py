@@ -14,6 +14,7 @@ choose the transport and E1.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         dtype: torch.dtype,
         device: torch.device,
         oneshot_elements: int,
-        buffer_factory,
+        buffer_factory: Callable[[int], SymmetricBuffer],
         timeout_s: float | None = None,
     ):
         super().__init__(world_size, rank, max_token_num, hidden_dim, dtype, device)
