@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 
-import arfusion
 from arfusion import (
     AllReduceFusionWorkspace,
     InProcessGroup,
@@ -17,6 +16,7 @@ from arfusion import (
     allreduce_fusion,
     create_allreduce_fusion_workspace,
 )
+from arfusion.testing import run_ranks
 
 SEED_SIGNATURE = [
     ("backend", "auto"), ("world_size", None), ("rank", None), ("max_token_num", None),
@@ -63,21 +63,102 @@ def test_unknown_backend_is_a_runtime_error():
                                           hidden_dim=8, dtype=torch.float16)
 
 
-def test_topology_rejections(monkeypatch):
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A GPU stack whose properties the test sets: {"fabric": bool, "posix": bool, ...}."""
     from arfusion import topology
+    from arfusion.memory import cumem
 
+    props = {"VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": True, "fabric": False,
+             "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": True}
     monkeypatch.setattr(topology, "_gpu_stack_missing", lambda: None)
     monkeypatch.setattr(topology, "_peer_access_missing", lambda gpus: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cumem, "device_supports", lambda device, attr: props[attr])
+    monkeypatch.setattr(cumem, "fabric_supported", lambda device: props["fabric"])
+    return props
 
-    def req(world, gpn, comm=None):
-        return topology.make_request(world, 0, 16, 64, torch.bfloat16, gpn, comm, False, None)
 
-    assert topology.trtllm_rejection(req(8, 8)) is None
-    assert "span 2 nodes" in topology.trtllm_rejection(req(16, 8))
-    assert "at most 16 ranks" in topology.trtllm_rejection(req(32, 32))
+def req(world, gpn, comm=None):
+    from arfusion import topology
+
+    return topology.make_request(world, 0 if comm is None else comm.Get_rank(), 16, 64,
+                                 torch.bfloat16, gpn, comm, False, None)
+
+
+def test_trtllm_rejections(fake_gpus):
+    from arfusion.topology import trtllm_rejection
+
+    assert trtllm_rejection(req(8, 8)) is None
+    assert "span 2 nodes" in trtllm_rejection(req(16, 8))
+    assert "at most 16 ranks" in trtllm_rejection(req(32, 32))
     # ranks that are threads of one process share its node, whatever gpus_per_node says
-    assert topology.trtllm_rejection(req(4, 1, InProcessGroup(4).backends()[0])) is None
-    assert "not implemented" in topology.mnnvl_rejection(req(8, 8))
+    assert trtllm_rejection(req(4, 1, InProcessGroup(4).backends()[0])) is None
+
+
+def test_mnnvl_rejections(fake_gpus):
+    from arfusion.topology import mnnvl_rejection
+
+    assert mnnvl_rejection(req(8, 8)) is None  # one node: POSIX file descriptors
+    fake_gpus["HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED"] = False
+    assert "POSIX file-descriptor" in mnnvl_rejection(req(8, 8))
+    assert "checking needs comm_backend" in mnnvl_rejection(req(16, 8))
+
+    def across_nodes(fabric):
+        fake_gpus["fabric"] = fabric
+        return run_ranks(4, lambda ctx: mnnvl_rejection(req(4, 2, _NotInProcess(ctx.comm))))
+
+    assert across_nodes(True) == [None] * 4
+    assert all("not every rank's GPU supports FABRIC" in r for r in across_nodes(False))
+    fake_gpus["VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED"] = False
+    assert "virtual memory" in mnnvl_rejection(req(8, 8))
+
+
+def test_auto_prefers_trtllm_within_a_node_and_mnnvl_across_nodes(fake_gpus, monkeypatch):
+    from arfusion import api
+
+    chosen = []
+    monkeypatch.setattr(api, "workspace_class",
+                        lambda name: type("W", (), {"create": staticmethod(
+                            lambda r, name=name: chosen.append(name) or name)}))
+    assert create_allreduce_fusion_workspace(
+        "auto", world_size=8, rank=0, max_token_num=2048, hidden_dim=4096,
+        dtype=torch.bfloat16, gpus_per_node=8) == "trtllm"  # the seed's example
+    fake_gpus["fabric"] = True
+    comm_fn = lambda ctx: create_allreduce_fusion_workspace(  # noqa: E731
+        "auto", world_size=4, rank=ctx.rank, max_token_num=16, hidden_dim=64,
+        dtype=torch.bfloat16, gpus_per_node=2, comm_backend=_NotInProcess(ctx.comm))
+    assert run_ranks(4, comm_fn) == ["mnnvl"] * 4
+    fake_gpus["fabric"] = False
+    with pytest.raises(ValueError, match="trtllm: .*span 2 nodes.*; mnnvl: .*FABRIC"):
+        run_ranks(4, comm_fn)
+
+
+class _NotInProcess:
+    """Wraps an InProcessBackend so that topology treats the ranks as separate hosts."""
+
+    def __init__(self, comm):
+        self._comm = comm
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+
+def test_mnnvl_sizing_per_strategy():
+    from arfusion import MNNVLAllReduceFusionWorkspace as M
+    from arfusion import heuristics, sizing
+
+    bf = torch.bfloat16
+    e = 2048 * 4096
+    cap = heuristics.oneshot_max_elements(8, bf)
+    assert M.oneshot_capacity(8, e, bf, False) == cap < e
+    assert M.oneshot_capacity(8, e, bf, True) == e
+    assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf) == \
+        3 * sizing.round_up(max(8 * cap, 3 * 8 * sizing.chunk_elements(e, 8)), 64) * 2
+    assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf, use_oneshot=True) == \
+        3 * 8 * e * 2
+    assert sizing.capacity(e, cap, True) == cap
+    assert sizing.capacity(e, cap, False) == sizing.capacity(e, cap, None) == e
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [
@@ -127,11 +208,6 @@ def test_life_cycle_destroy_idempotent_context_manager_and_resource_warning():
         del leaked
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
-
-
-def test_mnnvl_class_exists_but_is_not_constructible_yet():
-    with pytest.raises(NotImplementedError, match="mnnvl backend is not implemented"):
-        arfusion.MNNVLAllReduceFusionWorkspace()
 
 
 def test_import_needs_neither_triton_nor_cuda_python():

@@ -144,9 +144,30 @@ def trtllm_rejection(req: Request) -> str | None:
 
 
 def mnnvl_rejection(req: Request) -> str | None:
+    """mnnvl needs CUDA virtual memory; across nodes, FABRIC handles on every rank
+    (checked with an allgather, so every rank must evaluate this), within a node
+    POSIX file-descriptor handles."""
     if (reason := _gpu_stack_missing()) is not None:
         return reason
-    return "not implemented in this version of arfusion"
+    from .memory import default_comm
+    from .memory.cumem import device_supports, fabric_supported
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    if not device_supports(device, "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED"):
+        return "the GPU does not support CUDA virtual memory management"
+    if req.nodes > 1:
+        try:
+            comm = default_comm(req.world_size, req.comm_backend, req.group)
+        except ValueError:
+            return (f"{req.nodes} nodes need FABRIC handles on every rank, and checking "
+                    "needs comm_backend or a torch.distributed process group")
+        if not all(comm.allgather(fabric_supported(device))):
+            return (f"{req.world_size} ranks span {req.nodes} nodes but not every rank's GPU "
+                    "supports FABRIC handles (multi-node NVLink with IMEX)")
+    elif not is_in_process(req.comm_backend) and not device_supports(
+            device, "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED"):
+        return "the GPU does not support POSIX file-descriptor memory handles"
+    return None
 
 
 REJECTIONS = {"trtllm": trtllm_rejection, "mnnvl": mnnvl_rejection}

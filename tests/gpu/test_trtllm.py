@@ -44,10 +44,15 @@ MAX_HIDDEN = max(HIDDEN)
 CUDA = "cuda:0"
 
 
-def make_workspace(ctx, dtype, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN):
+BACKENDS = ["trtllm", "mnnvl"]  # the same kernels over two transports
+
+
+def make_workspace(ctx, dtype, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN, backend="trtllm"):
+    """A workspace for every strategy at every size (mnnvl: force_oneshot_support)."""
     return create_allreduce_fusion_workspace(
-        "trtllm", world_size=ctx.world_size, rank=ctx.rank, max_token_num=max_tokens,
-        hidden_dim=hidden, dtype=dtype, comm_backend=ctx.comm)
+        backend, world_size=ctx.world_size, rank=ctx.rank, max_token_num=max_tokens,
+        hidden_dim=hidden, dtype=dtype, comm_backend=ctx.comm,
+        force_oneshot_support=backend == "mnnvl")
 
 
 FLAGS = [  # (with_output, launch kwargs): cycled over (hidden, pattern, strategy)
@@ -81,8 +86,8 @@ def plan(world_size: int, dtype: torch.dtype, seed: int) -> list[tuple[Case, dic
     return cases
 
 
-def run_plan(ctx, dtype, seed):
-    with make_workspace(ctx, dtype) as ws:
+def run_plan(ctx, dtype, seed, backend="trtllm"):
+    with make_workspace(ctx, dtype, backend=backend) as ws:
         return [run_case(ws, case, ctx.rank, ctx.world_size, ctx.device, comm=ctx.comm, **kw)
                 for case, kw in plan(ctx.world_size, dtype, seed)]
 
@@ -111,16 +116,19 @@ def assert_all_good(results_by_rank):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_world_size_1_compiles_and_matches(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_world_size_1_compiles_and_matches(dtype, backend):
     """World size 1: the reduce is the identity, the epilogue still runs."""
     compile_kernels(dtype)
+    assert_all_good(run_ranks(1, run_plan, dtype, 2, backend, device=CUDA))
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ranks_match_reference(world_size, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_match_reference(world_size, dtype, backend):
     compile_kernels(dtype)
-    assert_all_good(run_ranks(world_size, run_plan, dtype, world_size, device=CUDA))
+    assert_all_good(run_ranks(world_size, run_plan, dtype, world_size, backend, device=CUDA))
 
 
 def _special_inputs(rank: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -134,13 +142,13 @@ def _special_inputs(rank: int, dtype: torch.dtype, shape) -> torch.Tensor:
     return x[rank % 3].to(bits).view(dtype).reshape(shape).to(CUDA)
 
 
-def _special_rank(ctx, dtype):
+def _special_rank(ctx, dtype, backend):
     shape = (5, 2880)
     inputs = [_special_inputs(r, dtype, shape) for r in range(ctx.world_size)]
     residual = _special_inputs(0, dtype, shape)  # all -0.0
     gamma = torch.ones(shape[1], dtype=dtype, device=CUDA)
     out = []
-    with make_workspace(ctx, dtype, 8, shape[1]) as ws:
+    with make_workspace(ctx, dtype, 8, shape[1], backend) as ws:
         for oneshot in (True, False):
             res_out = torch.empty(shape, dtype=dtype, device=CUDA)
             raw = torch.empty(shape, dtype=dtype, device=CUDA)
@@ -158,9 +166,10 @@ def _special_rank(ctx, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_negative_zero_and_negative_subnormals_are_exact(dtype):
-    run_ranks(1, _special_rank, dtype, device=CUDA)  # compile alone first
-    for rank_result in run_ranks(3, _special_rank, dtype, device=CUDA):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_zero_and_negative_subnormals_are_exact(dtype, backend):
+    run_ranks(1, _special_rank, dtype, backend, device=CUDA)  # compile alone first
+    for rank_result in run_ranks(3, _special_rank, dtype, backend, device=CUDA):
         assert rank_result == [(True, True), (True, True)]
 
 
@@ -169,13 +178,13 @@ MANY_COMBOS = [(h, p, o) for h in MANY_HIDDEN for p in (P.kAllReduce, P.kARResid
                for o in (True, False)]
 
 
-def _many_calls_rank(ctx, calls, batch, every_combo=False):
+def _many_calls_rank(ctx, calls, batch, backend, every_combo=False):
     """`calls` calls with changing shapes, patterns and strategies, issued `batch` at a
     time back to back with no host synchronisation in between; all checked.
     `every_combo` walks each (hidden, pattern, strategy) once instead (to compile)."""
     rng = random.Random(1234)  # same sequence on every rank
     bad = []
-    with make_workspace(ctx, torch.bfloat16, 64, 1024) as ws:
+    with make_workspace(ctx, torch.bfloat16, 64, 1024, backend) as ws:
         for first in range(0, calls, batch):
             work = []
             for i in range(first, min(first + batch, calls)):
@@ -194,18 +203,19 @@ def _many_calls_rank(ctx, calls, batch, every_combo=False):
     return bad
 
 
-def test_1000_consecutive_calls_with_changing_shapes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_1000_consecutive_calls_with_changing_shapes(backend):
     n = len(MANY_COMBOS)
-    assert run_ranks(1, _many_calls_rank, n, n, True, device=CUDA) == [[]]  # compile alone
-    for bad in run_ranks(4, _many_calls_rank, 1000, 50, device=CUDA):
+    assert run_ranks(1, _many_calls_rank, n, n, backend, True, device=CUDA) == [[]]
+    for bad in run_ranks(4, _many_calls_rank, 1000, 50, backend, device=CUDA):
         assert bad == []
 
 
-def _graph_rank(ctx, replays):
+def _graph_rank(ctx, replays, backend):
     dtype = torch.bfloat16
     cases = [Case(P.kARResidualRMSNorm, 7, 2880, dtype, seed=0),
              Case(P.kAllReduce, 40, 4096, dtype, seed=0)]
-    with make_workspace(ctx, dtype, 64, 4096) as ws:
+    with make_workspace(ctx, dtype, 64, 4096, backend) as ws:
         static = []
         for case in cases:
             x = case.input(ctx.rank, CUDA)
@@ -235,14 +245,15 @@ def _graph_rank(ctx, replays):
         return bad
 
 
-def test_cuda_graph_100_replays_on_new_data():
-    run_ranks(1, _graph_rank, 1, device=CUDA)  # compile alone first
-    assert run_ranks(4, _graph_rank, 100, device=CUDA) == [0, 0, 0, 0]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_100_replays_on_new_data(backend):
+    run_ranks(1, _graph_rank, 1, backend, device=CUDA)  # compile alone first
+    assert run_ranks(4, _graph_rank, 100, backend, device=CUDA) == [0, 0, 0, 0]
 
 
-def _timeout_rank(ctx):
+def _timeout_rank(ctx, backend):
     case = Case(P.kAllReduce, 4, 256, torch.float16)
-    with make_workspace(ctx, torch.float16, 4, 256) as ws:
+    with make_workspace(ctx, torch.float16, 4, 256, backend) as ws:
         if ctx.rank == 1:
             return None  # never calls; destroy below still meets rank 0
         ws.timeout_s = 2.0
@@ -257,8 +268,9 @@ def _timeout_rank(ctx):
         return elapsed
 
 
-def test_missing_rank_times_out_and_is_named():
-    elapsed, _ = run_ranks(2, _timeout_rank, device=CUDA)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_rank_times_out_and_is_named(backend):
+    elapsed, _ = run_ranks(2, _timeout_rank, backend, device=CUDA)
     assert 1.5 < elapsed < 10.0
 
 

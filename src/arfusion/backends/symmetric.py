@@ -1,14 +1,10 @@
 """What the `trtllm` and `mnnvl` workspaces share: Lamport buffers over symmetric memory.
 
-Footprint per rank (bytes), with E = max_token_num * hidden_dim, E1 the one-shot
-capacity, C = ceil(E / N) rounded up to 16 and s the element size:
-
-    3 * round_up(max(N * round_up(E1, 16), 3 * N * C), 64) * s
-        + 64 bytes of protocol state (device) + 4 * (N + 1) bytes (pinned host)
-
-Three rotations, each big enough for a one-shot call of E1 elements (N slots)
-or a two-shot call of E elements (scatter + two gather regions). Subclasses
-choose the transport and E1.
+Footprint per rank: `sizing.buffer_bytes` of symmetric memory (three rotations,
+each big enough for a one-shot call of E1 elements or a two-shot call of
+E = max_token_num * hidden_dim elements), plus 64 bytes of protocol state on the
+device and 4 * (N + 1) bytes of pinned host memory. Subclasses choose the
+transport and the one-shot capacity E1.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import heuristics
+from .. import heuristics, sizing
 from ..memory import SymmetricBuffer, ranks_on_my_gpu
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
@@ -56,8 +52,8 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         launch = load_kernels()
         self.oneshot_elements = oneshot_elements
         elems = max_token_num * hidden_dim
-        self.buf_stride = launch.rotation_elements(world_size, elems, oneshot_elements)
-        nbytes = 3 * self.buf_stride * dtype.itemsize
+        self.buf_stride = sizing.rotation_elements(world_size, elems, oneshot_elements)
+        nbytes = sizing.buffer_bytes(world_size, elems, oneshot_elements, dtype)
         self.timeout_s = timeout_s
         self._buffer: SymmetricBuffer = buffer_factory(nbytes)
         buf = self._buffer
@@ -103,8 +99,8 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         self._timeout_s = float(value)
 
     def capacity(self, use_oneshot: bool | None = None) -> int:
-        full = self.max_token_num * self.hidden_dim
-        return min(full, self.oneshot_elements) if use_oneshot else full
+        return sizing.capacity(self.max_token_num * self.hidden_dim, self.oneshot_elements,
+                               use_oneshot)
 
     def failed_ranks(self) -> list[int]:
         """Ranks an earlier call waited for in vain (empty while all is well)."""

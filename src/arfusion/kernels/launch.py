@@ -12,6 +12,7 @@ import torch
 import triton
 
 from ..patterns import Quant
+from ..sizing import chunk_elements, round_up
 from ..validation import FusionCall
 from .oneshot import oneshot_kernel
 from .protocol import CANONICAL_NAN_BITS
@@ -19,22 +20,6 @@ from .twoshot import twoshot_kernel
 
 MAX_BLOCK = 8192  # widest row chunk held in registers
 BITS = {2: torch.int16, 4: torch.int32}
-
-
-def round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def chunk_elements(num_elements: int, world_size: int) -> int:
-    """Two-shot: elements each rank owns (16-aligned so every slot stays aligned)."""
-    return round_up(-(-num_elements // world_size), 16)
-
-
-def rotation_elements(world_size: int, max_elements: int, oneshot_elements: int) -> int:
-    """Elements of one rotation: N one-shot slots, or two-shot scatter + two gathers."""
-    oneshot = world_size * round_up(oneshot_elements, 16)
-    twoshot = 3 * world_size * chunk_elements(max_elements, world_size)
-    return round_up(max(oneshot, twoshot), 64)
 
 
 @dataclass

@@ -5,13 +5,14 @@ tensor) and the address of every rank's buffer as mapped in this process
 (`peer_ptrs`, by rank; `peer_ptrs[rank]` is `local`'s address). Kernels reach a
 peer's byte i at `peer_ptrs[p] + i` with ordinary loads and stores. No multicast.
 
-`open_buffer` picks the transport:
+`open_buffer` picks the transport of the `trtllm` backend (`mnnvl` always uses cuMem):
 
 | transport | when |
 | --- | --- |
 | `in_process.InProcessBuffer` | ranks are threads of one process (`InProcessBackend`) |
 | `cuda_ipc.CudaIpcBuffer` | a `comm_backend` is given, or ranks share a GPU |
 | `torch_symm.TorchSymmBuffer` | a torch.distributed group, one GPU per rank |
+| `cumem.CuMemBuffer` | the `mnnvl` backend: CUDA virtual memory, FABRIC or POSIX fd handles |
 
 Creating and closing are collective. `close()` waits for the device and a
 barrier first, so no peer can still be reading or writing what is freed.
@@ -52,6 +53,18 @@ class SymmetricBuffer(abc.ABC):
     def _free(self) -> None: ...
 
 
+def check(result: object) -> object:
+    """Unpack a cuda.bindings call's (error, value...) and raise on error.
+
+    Runtime and driver calls alike: success is 0 in both enums."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA call failed: {getattr(err, 'name', err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
 class _CudaArray:
     """Just enough `__cuda_array_interface__` for torch to wrap a raw device pointer."""
 
@@ -73,6 +86,23 @@ def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
     return comm.allgather(me).count(me)
 
 
+def default_comm(world_size: int, comm_backend: CommBackend | None, group: Any) -> CommBackend:
+    """The rendezvous to use: comm_backend, else the torch.distributed group, else (one
+    rank) a group of one."""
+    if comm_backend is not None:
+        return comm_backend
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchDistBackend(group)
+    if world_size == 1:
+        return InProcessGroup(1).backends()[0]
+    raise ValueError(
+        f"world_size={world_size} needs comm_backend or an initialised torch.distributed "
+        "process group for the rendezvous"
+    )
+
+
 def open_buffer(
     nbytes: int,
     device: torch.device,
@@ -80,28 +110,16 @@ def open_buffer(
     comm_backend: CommBackend | None,
     group: Any,
 ) -> SymmetricBuffer:
-    """Allocate and exchange one symmetric buffer (collective over all ranks)."""
-    if comm_backend is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            comm = TorchDistBackend(group)
-            if ranks_on_my_gpu(comm, device) == 1:
-                from .torch_symm import TorchSymmBuffer
-
-                return TorchSymmBuffer(comm, nbytes, device, group)
-            comm_backend = comm
-        elif world_size == 1:
-            comm_backend = InProcessGroup(1).backends()[0]
-        else:
-            raise ValueError(
-                f"world_size={world_size} needs comm_backend or an initialised "
-                "torch.distributed process group for the rendezvous"
-            )
-    if is_in_process(comm_backend):
+    """Allocate and exchange one symmetric buffer for `trtllm` (collective)."""
+    comm = default_comm(world_size, comm_backend, group)
+    if is_in_process(comm):
         from .in_process import InProcessBuffer
 
-        return InProcessBuffer(comm_backend, nbytes, device)
+        return InProcessBuffer(comm, nbytes, device)
+    if comm_backend is None and ranks_on_my_gpu(comm, device) == 1:
+        from .torch_symm import TorchSymmBuffer
+
+        return TorchSymmBuffer(comm, nbytes, device, group)
     from .cuda_ipc import CudaIpcBuffer
 
-    return CudaIpcBuffer(comm_backend, nbytes, device)
+    return CudaIpcBuffer(comm, nbytes, device)

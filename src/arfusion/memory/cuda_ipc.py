@@ -10,18 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..comm import CommBackend
-from . import SymmetricBuffer, wrap_pointer
-
-
-def check(result) -> object:
-    """Unpack a cuda.bindings call's (error, value...) and raise on error."""
-    from cuda.bindings import runtime as rt
-
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != rt.cudaError_t.cudaSuccess:
-        name = rt.cudaGetErrorName(err)[1].decode()
-        raise RuntimeError(f"CUDA runtime call failed: {name}")
-    return values[0] if len(values) == 1 else values
+from . import SymmetricBuffer, check, wrap_pointer
 
 
 class CudaIpcBuffer(SymmetricBuffer):

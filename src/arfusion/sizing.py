@@ -1,0 +1,44 @@
+"""How much symmetric memory a Lamport workspace needs (no GPU, no triton needed).
+
+Each of the three rotations holds either a one-shot call (N slots of the call's
+T*H elements, each slot rounded up to 16) or a two-shot call (N scatter slots of
+C = ceil(T*H / N) rounded up to 16, plus two gather regions of N*C). A workspace
+sized for E elements (max_token_num * hidden_dim) with one-shot up to E1 <= E:
+
+    bytes = 3 * round_up(max(N * round_up(E1, 16), 3 * N * C(E)), 64) * element size
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROTATIONS = 3
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def chunk_elements(num_elements: int, world_size: int) -> int:
+    """Two-shot: elements each rank owns (16-aligned so every slot stays aligned)."""
+    return round_up(-(-num_elements // world_size), 16)
+
+
+def rotation_elements(world_size: int, max_elements: int, oneshot_elements: int) -> int:
+    """Elements of one rotation: N one-shot slots, or two-shot scatter + two gathers."""
+    oneshot = world_size * round_up(oneshot_elements, 16)
+    twoshot = 3 * world_size * chunk_elements(max_elements, world_size)
+    return round_up(max(oneshot, twoshot), 64)
+
+
+def buffer_bytes(world_size: int, max_elements: int, oneshot_elements: int,
+                 dtype: torch.dtype) -> int:
+    """Symmetric-buffer bytes per rank (see the module docstring)."""
+    return ROTATIONS * rotation_elements(world_size, max_elements, oneshot_elements) \
+        * dtype.itemsize
+
+
+def capacity(max_elements: int, oneshot_elements: int, use_oneshot: bool | None) -> int:
+    """Largest T*H a call may have: one-shot forced, or any strategy (the heuristic
+    falls back to two-shot beyond the one-shot capacity)."""
+    return min(max_elements, oneshot_elements) if use_oneshot else max_elements
