@@ -16,6 +16,7 @@ physical memory returns to the driver once the last rank has unmapped it.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -42,8 +43,37 @@ def device_supports(device: torch.device, attribute: str) -> bool:
     return bool(check(drv.cuDeviceGetAttribute(attr, dev)))
 
 
+@functools.cache
 def fabric_supported(device: torch.device) -> bool:
-    return device_supports(device, "HANDLE_TYPE_FABRIC_SUPPORTED")
+    """Whether FABRIC handles can really be created and exported here.
+
+    The device attribute is not enough: without an IMEX channel (multi-node NVLink
+    set-up) cuMemCreate refuses FABRIC handles with CUDA_ERROR_NOT_PERMITTED, so a
+    granule is created and exported once to find out."""
+    if not device_supports(device, "HANDLE_TYPE_FABRIC_SUPPORTED"):
+        return False
+    drv = _driver()
+    fabric = drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_FABRIC
+    prop = _allocation_prop(drv, device, fabric)
+    gran = check(drv.cuMemGetAllocationGranularity(
+        prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
+    with torch.cuda.device(device):
+        err, handle = drv.cuMemCreate(gran, prop, 0)
+        if int(err) != 0:
+            return False
+        try:
+            return int(drv.cuMemExportToShareableHandle(handle, fabric, 0)[0]) == 0
+        finally:
+            check(drv.cuMemRelease(handle))
+
+
+def _allocation_prop(drv, device: torch.device, handle_type):
+    prop = drv.CUmemAllocationProp()
+    prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = device.index
+    prop.requestedHandleTypes = handle_type
+    return prop
 
 
 class CuMemBuffer(SymmetricBuffer):
@@ -58,11 +88,7 @@ class CuMemBuffer(SymmetricBuffer):
         handle_types = drv.CUmemAllocationHandleType
         self.handle_type = (handle_types.CU_MEM_HANDLE_TYPE_FABRIC if use_fabric
                             else handle_types.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
-        prop = drv.CUmemAllocationProp()
-        prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = device.index
-        prop.requestedHandleTypes = self.handle_type
+        prop = _allocation_prop(drv, device, self.handle_type)
         gran = check(drv.cuMemGetAllocationGranularity(
             prop, drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED))
         self.size = -(-nbytes // gran) * gran
