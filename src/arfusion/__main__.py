@@ -9,12 +9,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arfusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo
+    from . import bench, demo
 
     demo.add_arguments(sub.add_parser(
         "demo", help="run every pattern on N local ranks and check it against the reference"))
+    bench.add_arguments(sub.add_parser(
+        "bench", help="time arfusion and its baselines on this machine (GPU)"))
     args = parser.parse_args(argv)
-    return demo.main(args)
+    return {"demo": demo.main, "bench": bench.main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -116,15 +116,16 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
                 "is unusable: destroy it and create a new one on every rank"
             )
 
-    def use_oneshot(self, call: FusionCall) -> bool:
-        n = call.num_tokens * call.hidden_dim
-        if call.use_oneshot is not None:
-            return call.use_oneshot
-        return n <= self.oneshot_elements and heuristics.choose_oneshot(
-            self.world_size, n, self.dtype)
+    def picks_oneshot(self, num_elements: int, use_oneshot: bool | None = None) -> bool:
+        """The strategy a call of `num_elements` per rank runs with."""
+        if use_oneshot is not None:
+            return use_oneshot
+        return num_elements <= self.oneshot_elements and heuristics.choose_oneshot(
+            self.world_size, num_elements, self.dtype)
 
     def run(self, call: FusionCall) -> None:
-        self._launch(call, self._res, self.use_oneshot(call), int(self._timeout_s * 1e9))
+        oneshot = self.picks_oneshot(call.num_tokens * call.hidden_dim, call.use_oneshot)
+        self._launch(call, self._res, oneshot, int(self._timeout_s * 1e9))
 
     def _release(self) -> None:
         # Collective even after a timeout: close() waits for this device and meets

@@ -1,0 +1,48 @@
+"""The parts of the benchmark that need no GPU: footprints, report, heuristic tuning."""
+
+import shutil
+
+import torch
+
+from arfusion import bench, heuristics, sizing
+
+HEADER = dict(card="Test GPU", sms=1, driver="0", torch="t", triton="t", date="2026-01-01",
+              world_size=4, gpus=1)
+
+
+def _row(method, tokens, us, world=4, mode="emulation"):
+    return dict(method=method, pattern=1, hidden=4096, tokens=tokens, strategy="-", us=us,
+                world_size=world, mode=mode, dtype="bfloat16")
+
+
+def test_footprints_follow_the_formulas():
+    fp = bench._footprints(8, 2048, 4096, torch.bfloat16)
+    e = 2048 * 4096
+    assert fp["trtllm"] == sizing.buffer_bytes(8, e, e, torch.bfloat16) == 3 * 8 * e * 2
+    assert fp["mnnvl"] < fp["mnnvl_force_oneshot"] == fp["trtllm"]
+    assert fp["flashinfer_trtllm"] == 8 * e * 2 + (2 << 20) + 3 * 8 * e * 2
+
+
+def test_markdown_lists_every_method_and_labels_emulation():
+    rows = [_row("arfusion trtllm oneshot", 1, 10.0), _row("arfusion trtllm twoshot", 1, 20.0),
+            _row("nccl + compiled epilogue", 1, 30.0, world=1, mode="world-1")]
+    md = bench._markdown(HEADER, rows, {})
+    assert "emulation, not NVLink" in md and "world size 1 on one GPU" in md
+    assert "| kARResidualRMSNorm | bfloat16 | 4096 | 1 | 10.0 | 20.0 |" in md
+
+
+def test_tune_writes_the_largest_size_where_oneshot_still_wins(tmp_path):
+    rows = []
+    for tokens, one, two in [(1, 5.0, 9.0), (8, 6.0, 9.0), (64, 12.0, 10.0)]:
+        rows += [_row("arfusion trtllm oneshot", tokens, one),
+                 _row("arfusion trtllm twoshot", tokens, two)]
+    path = tmp_path / "heuristics.py"
+    shutil.copy(heuristics.__file__, path)
+    table = bench.tune(rows, 4, HEADER, path)
+    assert table[4] == 8 * 4096 * 2
+    text = path.read_text()
+    assert f"    4: {8 * 4096 * 2},\n" in text
+    assert "Tuned by `python -m arfusion bench --tune`" in text
+    namespace: dict = {}
+    exec(compile(text, str(path), "exec"), namespace)
+    assert namespace["ONESHOT_MAX_BYTES"][4] == 8 * 4096 * 2
