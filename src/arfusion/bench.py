@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -94,6 +95,11 @@ def time_graph(step: Callable[[], None], calls: int, replays: int,
         end.record(stream)
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
+    if ctx is not None:
+        # A graph's memory pool may not be freed while any thread captures: free it
+        # here, then meet, before anyone captures the next one.
+        del graph
+        ctx.comm.barrier()
     return statistics.median(times[3:])
 
 
@@ -187,7 +193,8 @@ def _time_baselines(case: Case, epilogue, reducers: dict, args) -> list[dict]:
 
         def step(reduce=reduce):
             for x in xs:
-                epilogue(reduce(x) or x, kw["residual_in"], kw["rms_gamma"])
+                y = reduce(x)  # NCCL reduces in place and returns None
+                epilogue(x if y is None else y, kw["residual_in"], kw["rms_gamma"])
 
         try:
             us = time_graph(step, args.calls, args.replays)
@@ -491,6 +498,9 @@ def main(args: argparse.Namespace) -> int:
     backends = args.backends.split(",")
     header = _header(args.world_size)
     rows: list[dict] = []
+    # Cyclic garbage collection could free a CUDA graph while a rank thread captures
+    # another one (not allowed); graphs are freed explicitly instead (time_graph).
+    gc.disable()
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         world1 = testing.run_ranks(1, _arfusion_rows, args, dtype, backends, device="cuda:0")

@@ -28,6 +28,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import sys
 import tempfile
 import threading
 import traceback
@@ -95,8 +96,12 @@ def run_ranks(
     if any(t.is_alive() for t in threads):
         group.abort()
         raise TimeoutError(f"ranks did not finish within {timeout_s} s")
-    first = next((e for e in errors if e is not None and not _is_broken_barrier(e)), None)
-    first = first or next((e for e in errors if e is not None), None)
+    causes = [(r, e) for r, e in enumerate(errors) if e is not None and not
+              _is_broken_barrier(e)]
+    for rank, e in causes[1:]:  # the first is raised; show the others too
+        print(f"[rank {rank}] also failed:", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+    first = causes[0][1] if causes else next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
     return results
