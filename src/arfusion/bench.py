@@ -6,11 +6,11 @@ warm-up; the time per call is the median over replays of event time / calls, and
 the maximum over ranks. Baselines run in the same process on the same card.
 
 Where the ranks live decides what is measured:
-- as many GPUs as ranks: one process per GPU (not in this module yet: the
-  multi-GPU issue adds it);
-- one GPU: the N ranks are threads of one process (emulation: their traffic is
-  local memory, not NVLink, and they share the SMs). Emulated rows are labelled
-  and never comparable with NVLink numbers. The baselines that exist on one GPU
+- as many GPUs as ranks (or `--processes`): one process per GPU over NCCL, arfusion
+  over symmetric memory, baselines on the same process group;
+- one GPU (or fewer GPUs than ranks): the N ranks are threads of one process
+  (emulation: their traffic is local memory, not NVLink, and they share the SMs).
+  Emulated rows are labelled and never comparable with NVLink numbers. The baselines that exist on one GPU
   (NCCL and PyTorch symmetric memory at world size 1, each followed by the same
   epilogue compiled with torch.compile) are measured at world size 1 against
   arfusion at world size 1.
@@ -24,6 +24,7 @@ vs FlashInfer's formula, and (`--tp-layer`) a tensor-parallel block.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import itertools
@@ -39,7 +40,7 @@ import torch
 
 from . import heuristics, reference, sizing, testing
 from .api import allreduce_fusion, create_allreduce_fusion_workspace
-from .comm import InProcessGroup
+from .comm import InProcessBackend, InProcessGroup, TorchDistBackend
 from .patterns import PATTERNS, Quant
 from .testing import Case, capture_graph, case_kwargs, case_outputs, pattern_supports
 
@@ -63,8 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replays", type=int, default=25)
     p.add_argument("--out", default="bench-out", help="folder for bench.md/.json/.png")
     p.add_argument("--tp-layer", action="store_true", help="also time a TP decoder block")
+    p.add_argument("--processes", action="store_true",
+                   help="one process per GPU even at world size 1 (default when there are "
+                        "as many GPUs as ranks)")
     p.add_argument("--tune", action="store_true",
                    help="re-derive heuristics.ONESHOT_MAX_BYTES from this run and write it")
+    p.add_argument("--tune-from", metavar="BENCH_JSON",
+                   help="only re-derive the table from an earlier run's bench.json (no GPU)")
 
 
 # ---------------------------------------------------------------- timing
@@ -108,14 +114,20 @@ def _case(pattern: int, t: int, h: int, dtype: torch.dtype) -> Case:
     return Case(pattern, t, h, dtype, scale_factor=SCALE.get(quant, 1.0))
 
 
+def _ws_comm(ctx: testing.RankContext):
+    """Threads pass their in-process backend; processes rendezvous through the process
+    group (symmetric memory), as users do."""
+    return ctx.comm if isinstance(ctx.comm, InProcessBackend) else None
+
+
 def _arfusion_rows(ctx: testing.RankContext, args, dtype, backends) -> list[dict]:
-    """Every (backend, pattern, hidden, tokens, strategy) on this rank (threads)."""
+    """Every (backend, pattern, hidden, tokens, strategy) on this rank."""
     rows = []
     for backend in backends:
         with create_allreduce_fusion_workspace(
                 backend, world_size=ctx.world_size, rank=ctx.rank,
                 max_token_num=max(args.tokens), hidden_dim=max(args.hidden), dtype=dtype,
-                comm_backend=ctx.comm) as ws:
+                comm_backend=_ws_comm(ctx)) as ws:
             for pattern, h, t in itertools.product(args.patterns, args.hidden, args.tokens):
                 if pattern_supports(pattern, h, dtype):
                     rows += _time_strategies(ctx, ws, backend, _case(pattern, t, h, dtype), args)
@@ -144,11 +156,15 @@ def _time_strategies(ctx, ws, backend: str, case: Case, args) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------- baselines (world size 1)
+# ---------------------------------------------------------------- baselines
 
 
 def _epilogue_fn(pattern: int, dtype: torch.dtype):
-    """The unfused epilogue after an all-reduce, compiled: residual + RMSNorm (+ quant)."""
+    """The unfused epilogue after an all-reduce, compiled: residual + RMSNorm (+ quant).
+    Compiled per shape (dynamic=False); the recompile limit is raised so that no shape
+    silently falls back to eager."""
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     case = _case(pattern, 1, 1, dtype)
 
     def epilogue(s: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor):
@@ -160,33 +176,42 @@ def _epilogue_fn(pattern: int, dtype: torch.dtype):
     return torch.compile(epilogue, dynamic=False)
 
 
-def _baseline_rows(args, dtype) -> list[dict]:
-    """NCCL all_reduce and symmetric-memory one_shot_all_reduce at world size 1, each
-    followed by the compiled epilogue, in this process."""
+@contextlib.contextmanager
+def _world1_group():
+    """An NCCL process group of this process alone (the baselines at world size 1)."""
     import torch.distributed as dist
 
-    rows = []
     dist.init_process_group("nccl", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0,
                             world_size=1, device_id=torch.device("cuda", 0))
     try:
-        reducers = {"nccl + compiled epilogue": dist.all_reduce}
-        if (symm := _symm_mem_all_reduce()) is not None:
-            reducers["symm_mem one_shot + compiled epilogue"] = symm
-        epilogues = {p: _epilogue_fn(p, dtype) for p in args.patterns}
-        for pattern, h, t in itertools.product(args.patterns, args.hidden, args.tokens):
-            if pattern_supports(pattern, h, dtype):
-                rows += _time_baselines(_case(pattern, t, h, dtype), epilogues[pattern],
-                                        reducers, args)
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _baseline_rows(args, dtype, ctx: testing.RankContext | None = None) -> list[dict]:
+    """NCCL all_reduce and symmetric-memory one_shot_all_reduce on the current process
+    group, each followed by the compiled epilogue."""
+    import torch.distributed as dist
+
+    reducers = {"nccl + compiled epilogue": dist.all_reduce}
+    if (symm := _symm_mem_all_reduce()) is not None:
+        reducers["symm_mem one_shot + compiled epilogue"] = symm
+    epilogues = {p: _epilogue_fn(p, dtype) for p in args.patterns}
+    rows = []
+    for pattern, h, t in itertools.product(args.patterns, args.hidden, args.tokens):
+        if pattern_supports(pattern, h, dtype):
+            rows += _time_baselines(_case(pattern, t, h, dtype), epilogues[pattern], reducers,
+                                    args, ctx)
     return rows
 
 
-def _time_baselines(case: Case, epilogue, reducers: dict, args) -> list[dict]:
+def _time_baselines(case: Case, epilogue, reducers: dict, args,
+                    ctx: testing.RankContext | None) -> list[dict]:
     """Each reducer + the compiled epilogue; a failing one is reported and left out."""
-    xs = [_case(case.pattern, case.num_tokens, case.hidden_dim, case.dtype).input(101 * i,
-                                                                                   "cuda")
-          for i in range(args.calls)]
+    rank = ctx.rank if ctx is not None else 0
+    xs = [_case(case.pattern, case.num_tokens, case.hidden_dim, case.dtype).input(
+        rank + 101 * i, "cuda") for i in range(args.calls)]
     kw = case.shared("cuda")
     rows = []
     for name, reduce in reducers.items():
@@ -197,13 +222,12 @@ def _time_baselines(case: Case, epilogue, reducers: dict, args) -> list[dict]:
                 epilogue(x if y is None else y, kw["residual_in"], kw["rms_gamma"])
 
         try:
-            us = time_graph(step, args.calls, args.replays)
+            us = time_graph(step, args.calls, args.replays, ctx)
         except Exception as e:  # noqa: BLE001 - reported, then left out
             print(f"baseline {name} failed for {case.label()}: {type(e).__name__}: {e}")
             continue
         rows.append(dict(method=name, pattern=case.pattern, hidden=case.hidden_dim,
-                         tokens=case.num_tokens, strategy="-", us=us, world_size=1,
-                         mode="world-1"))
+                         tokens=case.num_tokens, strategy="-", us=us))
     return rows
 
 
@@ -297,9 +321,13 @@ def _footprints(world: int, tokens: int, hidden: int, dtype: torch.dtype) -> dic
 # ---------------------------------------------------------------- TP layer
 
 
-def _tp_rank(ctx: testing.RankContext, t: int, h: int, dtype, calls: int, replays: int):
-    """Row-parallel down projection, fused all-reduce + residual + RMSNorm, column-parallel
-    up projection; checked against the single-GPU model; timed as a CUDA graph."""
+def _tp_block(ctx: testing.RankContext, t: int, h: int, dtype, calls: int, replays: int,
+              fused: bool) -> dict:
+    """Row-parallel down projection, all-reduce + residual + RMSNorm (arfusion fused, or
+    NCCL then a compiled norm), column-parallel up projection; checked against the
+    single-GPU model and timed as a CUDA graph."""
+    import torch.distributed as dist
+
     n, inter = ctx.world_size, 4 * h
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(t, inter, generator=g, device="cuda").to(dtype)
@@ -307,58 +335,38 @@ def _tp_rank(ctx: testing.RankContext, t: int, h: int, dtype, calls: int, replay
     w_up = (torch.randn(h, inter, generator=g, device="cuda") / h**0.5).to(dtype)
     residual = torch.randn(t, h, generator=g, device="cuda").to(dtype)
     gamma = torch.rand(h, generator=g, device="cuda").to(dtype) + 0.5
-    k = inter // n
-    a_r, wd_r = a[:, ctx.rank * k:(ctx.rank + 1) * k], w_down[ctx.rank * k:(ctx.rank + 1) * k]
-    wu_r = w_up[:, ctx.rank * k:(ctx.rank + 1) * k]
-    ws = create_allreduce_fusion_workspace("trtllm", world_size=n, rank=ctx.rank,
-                                           max_token_num=t, hidden_dim=h, dtype=dtype,
-                                           comm_backend=ctx.comm)
-    with ws:
-        res_out, norm = torch.empty_like(residual), torch.empty_like(residual)
-        partial = torch.empty_like(residual)
+    shard = slice(ctx.rank * inter // n, (ctx.rank + 1) * inter // n)
+    a_r, wd_r, wu_r = a[:, shard], w_down[shard], w_up[:, shard]
+    with contextlib.ExitStack() as stack:
+        if fused:
+            ws = stack.enter_context(create_allreduce_fusion_workspace(
+                "trtllm", world_size=n, rank=ctx.rank, max_token_num=t, hidden_dim=h,
+                dtype=dtype, comm_backend=_ws_comm(ctx)))
+            res_out, norm_out = torch.empty_like(residual), torch.empty_like(residual)
+
+            def middle(y):
+                allreduce_fusion(y, ws, 1, residual_out=res_out, norm_out=norm_out,
+                                 residual_in=residual, rms_gamma=gamma)
+                return norm_out
+        else:
+            norm = torch.compile(lambda y: reference.rms_norm(
+                (y.float() + residual.float()).to(dtype), gamma, 1e-6))
+
+            def middle(y):
+                dist.all_reduce(y)
+                return norm(y)
 
         def block():
-            torch.matmul(a_r, wd_r, out=partial)
-            allreduce_fusion(partial, ws, 1, residual_out=res_out, norm_out=norm,
-                             residual_in=residual, rms_gamma=gamma)
-            return norm @ wu_r
+            return middle(a_r @ wd_r) @ wu_r
 
         ctx.comm.barrier()
-        z_r = block()
+        got = block()
         ctx.stream.synchronize()
         want = reference.rms_norm((a @ w_down).float().add(residual.float()).to(dtype), gamma,
-                                  1e-6) @ w_up[:, ctx.rank * k:(ctx.rank + 1) * k]
-        err = ((z_r.float() - want.float()).norm() / want.float().norm()).item()
+                                  1e-6) @ wu_r
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         us = time_graph(lambda: [block() for _ in range(calls)], calls, replays, ctx)
     return dict(rel_err=err, us=us)
-
-
-def _tp_nccl(t, h, dtype, calls, replays):
-    """The same block at world size 1 with NCCL and separate ops (torch.compile'd norm)."""
-    import torch.distributed as dist
-
-    tmp = tempfile.mkdtemp()
-    dist.init_process_group("nccl", init_method=f"file://{tmp}/pg", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))
-    try:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        inter = 4 * h
-        a = torch.randn(t, inter, generator=g, device="cuda").to(dtype)
-        w_down = (torch.randn(inter, h, generator=g, device="cuda") / inter**0.5).to(dtype)
-        w_up = (torch.randn(h, inter, generator=g, device="cuda") / h**0.5).to(dtype)
-        residual = torch.randn(t, h, generator=g, device="cuda").to(dtype)
-        gamma = torch.rand(h, generator=g, device="cuda").to(dtype) + 0.5
-        norm = torch.compile(lambda y, r, w: reference.rms_norm((y.float() + r.float())
-                                                                .to(dtype), w, 1e-6))
-
-        def block():
-            y = a @ w_down
-            dist.all_reduce(y)
-            return norm(y, residual, gamma) @ w_up
-
-        return dict(us=time_graph(lambda: [block() for _ in range(calls)], calls, replays))
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- report
@@ -386,9 +394,10 @@ def _header(world: int) -> dict:
 def _markdown(header: dict, rows: list[dict], extras: dict) -> str:
     lines = [f"### {header['card']} ({header['sms']} SMs), driver {header['driver']}, "
              f"torch {header['torch']}, triton {header['triton']}, {header['date']}", ""]
-    for (world, mode), title in (((header["world_size"], "emulation"),
-                                  f"{header['world_size']} ranks as threads on one GPU "
-                                  "(emulation, not NVLink)"),
+    n = header["world_size"]
+    for (world, mode), title in (((n, "processes"), f"{n} processes, one GPU each"),
+                                 ((n, "emulation"),
+                                  f"{n} ranks as threads on one GPU (emulation, not NVLink)"),
                                  ((1, "world-1"), "world size 1 on one GPU, with baselines")):
         part = [r for r in rows if r["world_size"] == world and r["mode"] == mode]
         if not part:
@@ -420,13 +429,13 @@ def _markdown(header: dict, rows: list[dict], extras: dict) -> str:
                   f"{fp['trtllm'] / 2**20:.0f} MiB, mnnvl {fp['mnnvl'] / 2**20:.0f} MiB "
                   f"({fp['mnnvl_force_oneshot'] / 2**20:.0f} MiB with force_oneshot_support), "
                   f"FlashInfer trtllm formula {fp['flashinfer_trtllm'] / 2**20:.0f} MiB", ""]
-        if "tp_layer" in extras:
-            tp = extras["tp_layer"]
-            lines += [f"- TP block {tp['shape']}: arfusion {tp['world']} ranks (emulation) "
-                      f"{tp['emulated']['us']:.1f} us (rel. error vs single-GPU model "
-                      f"{tp['emulated']['rel_err']:.1e}); world size 1: arfusion "
-                      f"{tp['world1']['us']:.1f} us vs NCCL + separate ops "
-                      f"{tp['nccl']['us']:.1f} us", ""]
+        t, h = TP_SHAPE
+        for r in extras.get("tp_layer", []):
+            lines.append(f"- TP block ({t} tokens, hidden {h}, intermediate {4 * h}), "
+                         f"{r['method']}, {r['world_size']} ranks ({r['mode']}): "
+                         f"{r['us']:.1f} us per block, output rel. error vs the single-GPU "
+                         f"model {r['rel_err']:.1e}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -453,76 +462,129 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+TUNE_MARGIN = 1.10  # one-shot is "clearly slower" once it takes 10% longer than two-shot
+
+
 def tune(rows: list[dict], world: int, header: dict, path: Path) -> dict[int, int]:
-    """Largest per-rank bytes at which forced one-shot is still no slower than two-shot,
-    for every hidden size and pattern measured; the minimum over them. Written into
-    heuristics.py for `world`."""
-    def key(r):
+    """Re-derive the one-shot threshold for `world` from measured rows and write it into
+    heuristics.py (`path`).
+
+    Per series (backend, pattern, hidden, dtype), walking up the token counts, the
+    threshold is the last size before forced one-shot first takes more than
+    TUNE_MARGIN times forced two-shot (sizes where both are within noise keep
+    one-shot); the table gets the smallest threshold over all series, in bytes per rank.
+    """
+    def series(r):
         return (r["method"].rsplit(" ", 1)[0], r["pattern"], r["hidden"], r["dtype"])
 
-    twoshot = {(key(r), r["tokens"]): r["us"] for r in rows
+    twoshot = {(series(r), r["tokens"]): r["us"] for r in rows
                if r["world_size"] == world and r["method"].endswith("twoshot")}
-    best: dict[tuple, int] = {}
+    oneshot: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["world_size"] != world or not r["method"].endswith("oneshot"):
-            continue
-        two = twoshot.get((key(r), r["tokens"]))
-        if two is not None and r["us"] <= two:
-            nbytes = r["tokens"] * r["hidden"] * getattr(torch, r["dtype"]).itemsize
-            best[key(r)] = max(best.get(key(r), 0), nbytes)
-    if not best:
-        return dict(heuristics.ONESHOT_MAX_BYTES)
+        if r["world_size"] == world and r["method"].endswith("oneshot") and \
+                (series(r), r["tokens"]) in twoshot:
+            oneshot.setdefault(series(r), []).append(r)
+    limits = []
+    for key, points in oneshot.items():
+        limit = 0
+        for r in sorted(points, key=lambda r: r["tokens"]):
+            if r["us"] > TUNE_MARGIN * twoshot[(key, r["tokens"])]:
+                break
+            limit = r["tokens"] * r["hidden"] * getattr(torch, r["dtype"]).itemsize
+        limits.append(limit)
     table = dict(heuristics.ONESHOT_MAX_BYTES)
-    table[world] = min(best.values())
-    src = path.read_text()
-    body = "".join(f"    {w}: {v},\n" for w, v in sorted(table.items()))
+    if not limits:
+        return table
+    table[world] = min(limits)
+    mode = next(r["mode"] for r in rows if r["world_size"] == world)
     note = (f"# Tuned by `python -m arfusion bench --tune` on {header['card']}, "
-            f"{header['date']}, world size {world} ({rows[0]['mode']}).\n")
-    src = re.sub(r"# Tuned by .*\n", "", src)
+            f"{header['date']}: world size {world} from {mode} measurements.\n")
+    src = re.sub(r"# Tuned by .*\n", "", path.read_text())
+    body = "".join(f"    {w}: {v},\n" for w, v in sorted(table.items()))
     src = re.sub(r"ONESHOT_MAX_BYTES: dict\[int, int\] = \{\n(?:    .*\n)*?\}",
-                 note + "ONESHOT_MAX_BYTES: dict[int, int] = {\n" + body + "}", src)
+                 lambda _: note + "ONESHOT_MAX_BYTES: dict[int, int] = {\n" + body + "}", src)
     path.write_text(src)
     return table
 
 
-def main(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench needs a CUDA GPU")
-    gpus = torch.cuda.device_count()
-    if gpus >= args.world_size > 1:
-        print(f"note: {gpus} GPUs; one process per GPU is not in this bench yet, running "
-              "the ranks as threads on GPU 0 (emulation)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtypes = [DTYPES[d] for d in args.dtype.split(",")]
-    backends = args.backends.split(",")
-    header = _header(args.world_size)
-    rows: list[dict] = []
-    # Cyclic garbage collection could free a CUDA graph while a rank thread captures
-    # another one (not allowed); graphs are freed explicitly instead (time_graph).
-    gc.disable()
+TP_SHAPE = (64, 4096)  # tokens, hidden of the TP block (intermediate 4 * hidden)
+
+
+def _process_rank(rank: int, world: int, args, dtypes, backends) -> dict:
+    """One process per GPU (started by run_processes over NCCL): arfusion over symmetric
+    memory and the baselines on the real process group."""
+    stream = torch.cuda.Stream()
+    ctx = testing.RankContext(rank, world, TorchDistBackend(),
+                              torch.device("cuda", torch.cuda.current_device()), stream)
+    rows, tp = [], []
+    with torch.cuda.stream(stream):
+        for dtype in dtypes:
+            name = str(dtype).removeprefix("torch.")
+            rows += [dict(r, dtype=name) for r in
+                     _arfusion_rows(ctx, args, dtype, backends) + _baseline_rows(args, dtype, ctx)]
+        if args.tp_layer:
+            tp = [dict(_tp_block(ctx, *TP_SHAPE, dtypes[0], args.calls, args.replays, fused),
+                       method=method, world_size=world, mode="processes")
+                  for method, fused in (("arfusion", True), ("nccl + separate ops", False))]
+    return dict(rows=rows, tp=tp)
+
+
+def _on_one_gpu(args, dtypes, backends) -> tuple[list[dict], list[dict]]:
+    """World size 1 with baselines, then the N ranks as threads (emulation)."""
+    rows, tp = [], []
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         world1 = testing.run_ranks(1, _arfusion_rows, args, dtype, backends, device="cuda:0")
+        with _world1_group():
+            base = _baseline_rows(args, dtype)
         rows += [dict(r, dtype=name) for r in _merge_ranks(world1, 1, "world-1")]
-        rows += [dict(r, dtype=name) for r in _baseline_rows(args, dtype)]
+        rows += [dict(r, dtype=name, world_size=1, mode="world-1") for r in base]
         if args.world_size > 1:
             emulated = testing.run_ranks(args.world_size, _arfusion_rows, args, dtype, backends,
                                          device="cuda:0")
             rows += [dict(r, dtype=name)
                      for r in _merge_ranks(emulated, args.world_size, "emulation")]
-    extras = _extras(args, dtypes[0])
     if args.tp_layer:
-        t, h = 64, 4096
-        world1 = testing.run_ranks(1, _tp_rank, t, h, dtypes[0], args.calls, args.replays,
-                                   device="cuda:0")[0]  # first: compiles alone
-        emulated = testing.run_ranks(args.world_size, _tp_rank, t, h, dtypes[0], args.calls,
-                                     args.replays, device="cuda:0")
-        extras["tp_layer"] = dict(
-            shape=f"{t} tokens, hidden {h}, intermediate {4 * h}", world=args.world_size,
-            emulated=dict(us=max(r["us"] for r in emulated),
-                          rel_err=max(r["rel_err"] for r in emulated)),
-            world1=world1, nccl=_tp_nccl(t, h, dtypes[0], args.calls, args.replays))
+        block = (*TP_SHAPE, dtypes[0], args.calls, args.replays)
+        for world, mode in ((1, "world-1"), (args.world_size, "emulation")):
+            results = testing.run_ranks(world, _tp_block, *block, True, device="cuda:0")
+            tp.append(dict(method="arfusion", world_size=world, mode=mode,
+                           us=max(r["us"] for r in results),
+                           rel_err=max(r["rel_err"] for r in results)))
+        with _world1_group():
+            nccl = testing.run_ranks(1, _tp_block, *block, False, device="cuda:0")[0]
+        tp.append(dict(nccl, method="nccl + separate ops", world_size=1, mode="world-1"))
+    return rows, tp
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.tune_from:
+        saved = json.loads(Path(args.tune_from).read_text())
+        table = tune(saved["rows"], saved["header"]["world_size"], saved["header"],
+                     Path(heuristics.__file__))
+        print(f"heuristics.ONESHOT_MAX_BYTES <- {table}")
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtypes = [DTYPES[d] for d in args.dtype.split(",")]
+    backends = args.backends.split(",")
+    header = _header(args.world_size)
+    # Cyclic garbage collection could free a CUDA graph while a rank thread captures
+    # another one (not allowed); graphs are freed explicitly instead (time_graph).
+    gc.disable()
+    if args.processes or torch.cuda.device_count() >= args.world_size > 1:
+        by_rank = testing.run_processes(args.world_size, _process_rank, args, dtypes, backends,
+                                        backend="nccl", timeout_s=3000)
+        rows = _merge_ranks([r["rows"] for r in by_rank], args.world_size, "processes")
+        tp = [dict(row, us=max(r["tp"][i]["us"] for r in by_rank),
+                   rel_err=max(r["tp"][i]["rel_err"] for r in by_rank))
+              for i, row in enumerate(by_rank[0]["tp"])]
+    else:
+        rows, tp = _on_one_gpu(args, dtypes, backends)
+    extras = _extras(args, dtypes[0])
+    extras["tp_layer"] = tp
     if args.tune:
         table = tune(rows, args.world_size, header, Path(heuristics.__file__))
         extras["tuned_oneshot_max_bytes"] = table
