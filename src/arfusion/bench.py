@@ -10,10 +10,10 @@ Where the ranks live decides what is measured:
   over symmetric memory, baselines on the same process group;
 - one GPU (or fewer GPUs than ranks): the N ranks are threads of one process
   (emulation: their traffic is local memory, not NVLink, and they share the SMs).
-  Emulated rows are labelled and never comparable with NVLink numbers. The baselines that exist on one GPU
-  (NCCL and PyTorch symmetric memory at world size 1, each followed by the same
-  epilogue compiled with torch.compile) are measured at world size 1 against
-  arfusion at world size 1.
+  Emulated rows are labelled and never comparable with NVLink numbers. The
+  baselines that exist on one GPU (NCCL and PyTorch symmetric memory at world size
+  1, each followed by the same epilogue compiled with torch.compile) are measured
+  at world size 1 against arfusion at world size 1.
 
 Also on one GPU: the fused epilogue's achieved bandwidth vs a device-to-device
 copy, the host overhead of an eager call vs `torch.add`, the workspace footprint
