@@ -108,14 +108,24 @@ def run_ranks(
 
 
 def capture_graph(ctx: RankContext, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """Run `step` once (all ranks together), then capture it on the rank's stream."""
+    """Run `step` once (all ranks together), then capture it on the rank's stream.
+
+    Not `torch.cuda.graph(...)`: its device-wide synchronize is illegal while another
+    rank's thread is capturing. Ranks meet before capturing (everything idle) and
+    after it (nobody synchronises, allocates or frees while another still captures).
+    """
     ctx.comm.barrier()
     step()
     ctx.stream.synchronize()
     ctx.comm.barrier()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=ctx.stream, capture_error_mode="thread_local"):
-        step()
+    with torch.cuda.stream(ctx.stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            step()
+        finally:
+            graph.capture_end()
+    ctx.comm.barrier()
     return graph
 
 
