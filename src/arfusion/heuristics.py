@@ -2,10 +2,18 @@
 
 `ONESHOT_MAX_BYTES[world_size]` is the largest per-rank input (bytes) for which
 `use_oneshot=None` picks one-shot; above it two-shot moves fewer bytes per rank
-(one-shot sends N-1 copies of the whole input, two-shot about two). The first
-values are conservative placeholders taken from published NVLink results for
-similar kernels; `python -m arfusion bench --tune` re-derives them on the card at
-hand (issue: benchmarks and tuned heuristics).
+(one-shot sends N-1 copies of the whole input, two-shot about two).
+
+The values for 2 to 16 ranks are placeholders, not measurements: only one-GPU
+machines have been available, and there the emulated ranks' timings at small sizes
+are dominated by launch skew (docs/benchmarks.md, H100, 2026-11-25), so no
+threshold could be derived. `python -m arfusion bench --tune` on an NVLink machine
+rewrites this table (and stamps it with the card and date). World size 1 always
+picks one-shot: it measured faster at every size on the H100 (world-1 table).
+
+`prefer_backend`: trtllm and mnnvl run the same kernels and measured within noise
+of each other at world size 1 and in emulation, so within a node the choice is
+trtllm (no virtual-memory set-up); across nodes only mnnvl can serve.
 """
 
 from __future__ import annotations
