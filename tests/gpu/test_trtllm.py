@@ -1,4 +1,6 @@
-"""The trtllm backend on a GPU: N ranks as threads of one process (one stream each).
+"""The kernels on a GPU over both backends' transports (trtllm: direct pointers between
+threads, CUDA IPC, symmetric memory; mnnvl: cuMem), N ranks as threads of one process
+(one stream each).
 
 Every call's outputs are poisoned first and compared with arfusion.reference;
 output and residual_out must be bit-exact, norm_out within 1 ulp, and every

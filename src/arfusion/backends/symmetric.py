@@ -61,7 +61,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         deltas = [p - buf.peer_ptrs[rank] for p in buf.peer_ptrs]
         if any(d % (16 * dtype.itemsize) for d in deltas):
             raise RuntimeError("peer buffers are not 16-element aligned")
-        self._state = torch.zeros(8, dtype=torch.int64, device=device)
+        self._state = torch.zeros(launch.STATE_SIZE, dtype=torch.int64, device=device)
         self._err = torch.zeros(world_size + 1, dtype=torch.int32, pin_memory=True)
         self._err_np: np.ndarray = self._err.numpy()
         sharing = ranks_on_my_gpu(buf.comm, device)

@@ -15,7 +15,7 @@ from ..patterns import Quant
 from ..sizing import chunk_elements, round_up
 from ..validation import FusionCall
 from .oneshot import oneshot_kernel
-from .protocol import CANONICAL_NAN_BITS
+from .protocol import CANONICAL_NAN_BITS, STATE_SIZE
 from .twoshot import twoshot_kernel
 
 MAX_BLOCK = 8192  # widest row chunk held in registers
