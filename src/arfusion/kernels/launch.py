@@ -18,6 +18,8 @@ from .oneshot import oneshot_kernel
 from .protocol import CANONICAL_NAN_BITS, STATE_SIZE
 from .twoshot import twoshot_kernel
 
+__all__ = ["BITS", "STATE_SIZE", "Resources", "launch"]
+
 MAX_BLOCK = 8192  # widest row chunk held in registers
 BITS = {2: torch.int16, 4: torch.int32}
 
