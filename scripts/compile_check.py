@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, "src")
+from arfusion.kernels.local import local_kernel  # noqa: E402
 from arfusion.kernels.oneshot import oneshot_kernel  # noqa: E402
 from arfusion.kernels.protocol import CANONICAL_NAN_BITS  # noqa: E402
 from arfusion.kernels.twoshot import twoshot_kernel  # noqa: E402
@@ -31,13 +32,13 @@ def signature(dt: str, quant: Quant, scale_from_ptr: bool) -> dict[str, str]:
     qdt = {Quant.FP8: "fp8e4nv", Quant.DYNAMIC_FP8: "fp8e4nv"}.get(quant, "u8")
     sdt = "fp32" if quant == Quant.DYNAMIC_FP8 else "u8"
     return {
-        "x_bits_ptr": f"*{idt}", "buf_ptr": f"*{idt}", "deltas_ptr": "*i64",
+        "x_ptr": f"*{fdt}", "x_bits_ptr": f"*{idt}", "buf_ptr": f"*{idt}", "deltas_ptr": "*i64",
         "state_ptr": "*i64", "err_addr": "i64", "out_ptr": f"*{fdt}",
         "residual_in_ptr": f"*{fdt}", "residual_out_ptr": f"*{fdt}", "gamma_ptr": f"*{fdt}",
         "norm_out_ptr": f"*{fdt}", "quant_ptr": f"*{qdt}", "scale_out_ptr": f"*{sdt}",
         "scale_ptr": "*fp32", "scale_value": "fp32", "eps": "fp32", "weight_bias": "fp32",
         "T": "i32", "H": "i32", "rank": "i32", "world_size": "i32", "buf_stride": "i32",
-        "stride": "i32", "timeout_ns": "i64",
+        "slot_stride": "i32", "chunk": "i32", "timeout_us": "i32",
     }
 
 
@@ -47,16 +48,17 @@ def compile_one(kernel, dt, pattern, write_output, layout, block, chunks, pdl, t
     generic = signature(dt, traits.quant, False)
     # What Triton's launcher specialises for real tensors: 16-byte aligned pointers and
     # 16-divisible strides (and H, for the wide blocks that stand for real hidden sizes).
-    aligned = [i for i, (n, t) in enumerate(generic.items()) if t.startswith("*")
-               or n in ("buf_stride", "stride") or (n == "H" and block >= 4096)]
-    names = list(kernel.arg_names)
-    sig = {names[i]: v for i, v in enumerate(generic.values())}
+    sig = {name: generic[name] for name in kernel.arg_names if name in generic}
+    aligned = [i for i, name in enumerate(sig) if generic[name].startswith("*")
+               or name in ("buf_stride", "slot_stride", "chunk") or (name == "H" and block >= 4096)]
     warps = min(16, max(1, block // 256))
     const = dict(NORM=traits.norm, WRITE_OUTPUT=traits.norm and write_output,
                  WRITE_NORM=traits.norm_out, QUANT=int(traits.quant), LAYOUT=layout,
                  SCALE_FROM_PTR=False, BLOCK=block, NUM_CHUNKS=chunks,
                  PUSH_BLOCK=warps * 32 * (16 // DT[dt][2]), CANON=CANONICAL_NAN_BITS[DT[dt][2]],
                  USE_PDL=pdl, TRIGGER_AT_END=trigger)
+    if kernel is local_kernel:
+        del const["PUSH_BLOCK"], const["CANON"]
     if hidden_one:  # Triton turns an int argument equal to 1 into a constant
         const["H"] = 1
     for k in const:
@@ -71,13 +73,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--patterns", default=",".join(str(p) for p in PATTERNS))
+    ap.add_argument("--ptx", metavar="DIR", help="also write each variant's PTX here")
     args = ap.parse_args()
     patterns = [int(p) for p in args.patterns.split(",")]
     blocks = [(64, 1), (8192, 2)] if args.quick else [(64, 1), (4096, 1), (8192, 1), (8192, 2)]
     blocks.append((64, 0))  # H == 1
     failures = 0
     for kernel, dt, pattern, (block, chunks) in itertools.product(
-            (oneshot_kernel, twoshot_kernel), DT, patterns, blocks):
+            (local_kernel, oneshot_kernel, twoshot_kernel), DT, patterns, blocks):
         if PATTERNS[pattern].quant == Quant.NVFP4 and dt == "fp32":
             continue
         start = time.time()
@@ -85,6 +88,10 @@ def main() -> int:
             k = compile_one(kernel, dt, pattern, True, 0, block, max(chunks, 1), True, False,
                             hidden_one=chunks == 0)
             ptx = k.asm["ptx"]
+            if args.ptx:
+                name = f"{kernel.fn.__name__}-{dt}-p{pattern}-{block}x{chunks}.ptx"
+                with open(f"{args.ptx}/{name}", "w") as f:
+                    f.write(ptx)
             local = ptx.count("ld.local") + ptx.count("st.local")
             print(f"ok   {kernel.fn.__name__:15s} {dt} p{pattern:<2d} block {block:5d}x{chunks} "
                   f"local-memory ops {local} ({time.time() - start:.1f}s)")

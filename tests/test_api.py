@@ -29,7 +29,11 @@ FUSION_SIGNATURE = [
     ("trigger_completion_at_end", True), ("output", None), ("residual_out", None),
     ("norm_out", None), ("quant_out", None), ("scale_out", None), ("residual_in", None),
     ("rms_gamma", None), ("rms_eps", 1e-6), ("scale_factor", None), ("layout_code", None),
-    ("use_oneshot", None), ("fp32_acc", False), ("weight_bias", 0.0),
+    ("use_oneshot", None), ("fp32_acc", False), ("moe_reduction_device_num_experts", None),
+    ("moe_reduction_scale_input", None), ("moe_reduction_active_experts_token_input", None),
+    ("moe_reduction_token_input", None), ("expanded_idx_to_permuted_idx", None),
+    ("expert_scale_factor", None), ("shared_expert_output", None),
+    ("block_quant_group_size", None), ("weight_bias", 0.0),
 ]
 
 
@@ -153,10 +157,17 @@ def test_mnnvl_sizing_per_strategy():
     cap = heuristics.oneshot_max_elements(8, bf)
     assert M.oneshot_capacity(8, e, bf, False) == cap < e
     assert M.oneshot_capacity(8, e, bf, True) == e
+    from arfusion.mnnvl import MNNVLAllreduceFusionStrategy as S
+
+    # One Lamport buffer: one-shot T*H*N*element size (as FlashInfer), two-shot N scatter
+    # slots and two gather regions; AUTO follows the heuristic.
+    assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf, S.ONESHOT) == e * 8 * 2
+    assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf, S.TWOSHOT) == \
+        3 * 8 * sizing.chunk_elements(e, 8) * 2
     assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf) == \
-        3 * sizing.round_up(max(8 * cap, 3 * 8 * sizing.chunk_elements(e, 8)), 64) * 2
-    assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf, use_oneshot=True) == \
-        3 * 8 * e * 2
+        M.get_required_buffer_size_bytes(8, 2048, 4096, bf, S.TWOSHOT)
+    assert M.get_required_buffer_size_bytes(8, 1, 4096, bf, S.AUTO) == 4096 * 8 * 2
+    assert M.get_required_buffer_size_bytes(8, 1, 4096, bf, True) == 4096 * 8 * 2
     assert sizing.capacity(e, cap, True) == cap
     assert sizing.capacity(e, cap, False) == sizing.capacity(e, cap, None) == e
 

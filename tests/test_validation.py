@@ -32,17 +32,21 @@ def base(pattern=P.kARResidualRMSNorm, **over):
         for k in ("residual_in", "rms_gamma", "residual_out", "norm_out"):
             kw.pop(k)
     kw.update(over)
+    if kw.get("norm_out") is SAME_AS_RESIDUAL_OUT:
+        kw["norm_out"] = kw["residual_out"]
     return {k: v for k, v in kw.items() if v is not DROP}
 
 
 DROP = object()
+SAME_AS_RESIDUAL_OUT = object()
+SHARED = torch.randn(T + 1, H).to(BF)
 
 CASES = [
     # (description, pattern, overrides, exception, message regex)
     ("input not a tensor", 1, dict(input=[[1.0]]), TypeError, "input must be a torch.Tensor"),
     ("input 1-D", 1, dict(input=torch.randn(H).to(BF)), ValueError, "input must be 2-D"),
     ("input wrong dtype", 1, dict(input=torch.randn(T, H)), ValueError,
-     "input must have the workspace dtype"),
+     "input must have a dtype of the workspace dtype's element size"),
     ("input not contiguous", 1, dict(input=torch.randn(H, T).to(BF).t()), ValueError,
      "input must be contiguous"),
     ("input too large", 1, dict(input=torch.randn(T + 1, H).to(BF)), ValueError,
@@ -67,42 +71,61 @@ CASES = [
      "output must have shape"),
     ("residual_out dtype", 1, dict(residual_out=torch.empty(T, H)), ValueError,
      "residual_out must have dtype"),
-    ("norm_out for a non-Out pattern", 2, dict(norm_out=torch.empty(T, H, dtype=BF)),
-     ValueError, "norm_out is not written by pattern kARResidualRMSNormFP8Quant"),
-    ("quant_out for kARResidualRMSNorm", 1, dict(quant_out=torch.empty(T, H, dtype=torch.uint8)),
-     ValueError, "quant_out is not written"),
-    ("residual_out for kAllReduce", 0, dict(residual_out=torch.empty(T, H, dtype=BF)),
-     ValueError, "residual_out is not written"),
-    ("scale_factor missing", 2, dict(scale_factor=DROP), ValueError, "scale_factor is required"),
     ("scale_factor zero", 2, dict(scale_factor=0.0), ValueError, "scale_factor must be finite"),
-    ("scale_factor wrong tensor", 2, dict(scale_factor=torch.ones(2)), ValueError,
-     "1-element torch.float32 tensor"),
+    ("scale_factor nan", 2, dict(scale_factor=float("nan")), ValueError,
+     "scale_factor must be finite"),
+    ("scale_factor int tensor", 2, dict(scale_factor=torch.ones(1, dtype=torch.int32)),
+     ValueError, "floating-point tensor with at least one element"),
+    ("scale_factor empty tensor", 2, dict(scale_factor=torch.ones(0)), ValueError,
+     "floating-point tensor with at least one element"),
+    ("scale_factor CPU tensor -1", 2, dict(scale_factor=torch.tensor([-1.0])), ValueError,
+     r"scale_factor must be finite and > 0, got -1.0"),
+    ("scale_factor CPU tensor 0", 3, dict(scale_factor=torch.zeros(1, 1, dtype=BF)),
+     ValueError, r"scale_factor must be finite and > 0, got 0.0"),
+    ("scale_factor CPU tensor nan", 2, dict(scale_factor=torch.tensor([float("nan")])),
+     ValueError, "scale_factor must be finite and > 0, got nan"),
+    ("scale_factor CPU tensor inf", 2, dict(scale_factor=torch.tensor([float("inf")],
+                                                                       dtype=torch.float64)),
+     ValueError, "scale_factor must be finite and > 0, got inf"),
+    ("scale_factor other device", 2, dict(scale_factor=torch.ones(1, device="meta")),
+     ValueError, "scale_factor must be on cpu or the CPU"),
     ("scale_factor string", 2, dict(scale_factor="1"), TypeError, "scale_factor must be a float"),
-    ("fp8 quant_out dtype", 2, dict(quant_out=torch.empty(T, H, dtype=torch.uint8)), ValueError,
-     "quant_out must have dtype torch.float8_e4m3fn"),
-    ("fp4 quant_out dtype", 3, dict(quant_out=torch.empty(T, H // 2, dtype=BF)), ValueError,
-     "quant_out must have dtype torch.uint8"),
-    ("fp4 quant_out shape", 3, dict(quant_out=torch.empty(T, H, dtype=torch.uint8)), ValueError,
-     r"quant_out must have shape \[4, 16\]"),
+    ("fp8 quant_out too small", 2, dict(quant_out=torch.empty(T, H - 1, dtype=torch.uint8)),
+     ValueError, "quant_out must hold at least 128 bytes"),
+    ("fp8 quant_out not contiguous", 2,
+     dict(quant_out=torch.empty(H, T, dtype=torch.float8_e4m3fn).t()), ValueError,
+     "quant_out must be contiguous"),
+    ("fp4 quant_out too small", 3, dict(quant_out=torch.empty(T, H // 4, dtype=torch.uint8)),
+     ValueError, "quant_out must hold at least 64 bytes"),
+    ("fp4 quant_out not a tensor", 3, dict(quant_out=[0] * 64), TypeError,
+     "quant_out must be a torch.Tensor"),
     ("fp4 scale_out too small", 3, dict(scale_out=torch.empty(511, dtype=torch.uint8)),
      ValueError, "scale_out must hold at least 512 bytes"),
     ("fp4 scale_out too small linear", 3, dict(scale_out=torch.empty(7, dtype=torch.uint8),
                                                layout_code=2), ValueError,
      "at least 8 bytes .* LINEAR"),
-    ("fp4 scale_out dtype", 3, dict(scale_out=torch.empty(512, dtype=torch.int32)), ValueError,
-     "scale_out must have dtype"),
+    ("fp4 scale_out not contiguous", 3, dict(scale_out=torch.empty(1024, dtype=torch.uint8)[::2]),
+     ValueError, "scale_out must be contiguous"),
     ("fp4 bad layout", 3, dict(layout_code=3), ValueError, "layout_code must be a"),
-    ("dynamic scale_out dtype", 10, dict(scale_out=torch.empty(T, 1, dtype=BF)), ValueError,
-     "scale_out must have dtype torch.float32"),
-    ("dynamic scale_out shape", 10, dict(scale_out=torch.empty(T, 2)), ValueError,
-     r"scale_out must have shape \[4, 1\]"),
-    ("use_oneshot not bool", 1, dict(use_oneshot=1), TypeError, "use_oneshot must be"),
+    ("dynamic scale_out too small", 10, dict(scale_out=torch.empty(T, 1, dtype=BF)),
+     ValueError, "scale_out must hold at least 16 bytes"),
+    ("use_oneshot not bool", 1, dict(use_oneshot=2), TypeError, "use_oneshot must be a bool"),
+    ("launch_with_pdl not bool", 1, dict(launch_with_pdl="yes"), TypeError,
+     "launch_with_pdl must be a bool"),
+    ("pattern bool", True, {}, TypeError, "pattern must be an AllReduceFusionPattern"),
+    ("moe argument given", 1, dict(expert_scale_factor=torch.ones(1)), ValueError,
+     "expert_scale_factor is only for the MoE patterns"),
+    ("residual_out is norm_out", 1, dict(norm_out=SAME_AS_RESIDUAL_OUT), ValueError,
+     "residual_out and norm_out overlap"),
+    ("norm_out partly overlaps input", 1, dict(input=SHARED[:T], norm_out=SHARED[1:T + 1]),
+     ValueError, "norm_out partly overlaps input"),
+    ("rms_eps nan", 1, dict(rms_eps=float("nan")), ValueError, "rms_eps must be >= 0"),
 ]
 
 
 @pytest.mark.parametrize("desc,pattern,over,exc,msg", CASES, ids=[c[0] for c in CASES])
 def test_bad_call_raises_before_touching_outputs(ws, desc, pattern, over, exc, msg):
-    kw = base(pattern if isinstance(pattern, int) and pattern in (0, 1, 2, 3, 10) else 1, **over)
+    kw = base(pattern if type(pattern) is int and pattern in (0, 1, 2, 3, 10) else 1, **over)
     kw["pattern"] = pattern
     outs = {k: v for k, v in kw.items() if k.endswith("_out") or k == "output"}
     before = {k: v.clone() for k, v in outs.items() if isinstance(v, torch.Tensor)}
@@ -145,6 +168,7 @@ def test_reuse_with_other_shapes_within_capacity(ws):
     assert ws.is_buffer_size_sufficient(1, 128, 1, BF)
     assert not ws.is_buffer_size_sufficient(1, 129, 1, BF)
     assert not ws.is_buffer_size_sufficient(2, 1, 1, BF)  # other world size
-    assert not ws.is_buffer_size_sufficient(1, 1, 1, torch.float16)  # other dtype
+    assert not ws.is_buffer_size_sufficient(1, 1, 1, torch.float32)  # other element size
+    assert ws.is_buffer_size_sufficient(1, 1, 1, torch.float16)  # same size: served
     out = allreduce_fusion(torch.randn(2, 64).to(BF), ws, 0)
     assert out.shape == (2, 64)

@@ -73,6 +73,14 @@ def allreduce_fusion(
     layout_code: int | None = None,
     use_oneshot: bool | None = None,
     fp32_acc: bool = False,
+    moe_reduction_device_num_experts: int | None = None,
+    moe_reduction_scale_input: torch.Tensor | None = None,
+    moe_reduction_active_experts_token_input: torch.Tensor | None = None,
+    moe_reduction_token_input: torch.Tensor | None = None,
+    expanded_idx_to_permuted_idx: torch.Tensor | None = None,
+    expert_scale_factor: torch.Tensor | None = None,
+    shared_expert_output: torch.Tensor | None = None,
+    block_quant_group_size: int | None = None,
     weight_bias: float = 0.0,
 ) -> torch.Tensor:
     """All-reduce `input` over the workspace's ranks, then the pattern's epilogue.
@@ -83,26 +91,35 @@ def allreduce_fusion(
         residual_out = input + residual_in
         norm_out = rms_norm(residual_out, rms_gamma, rms_eps, weight_bias)
 
-    Returns quant_out for quant patterns, norm_out for kARResidualRMSNorm and
-    output for kAllReduce. Outputs left as None are allocated; pass them all for
-    CUDA graphs. `fp32_acc` is accepted for compatibility: accumulation is always
-    fp32. Every rank must issue the same sequence of calls.
+    Returns norm_out when the caller passed it, else quant_out for quant patterns,
+    norm_out for kARResidualRMSNorm and output for kAllReduce. Outputs left as None
+    are allocated; pass them all for CUDA graphs. Outputs the pattern does not write
+    are ignored. `fp32_acc` is accepted for compatibility (accumulation is always
+    fp32); the MoE arguments must be None. Every rank must issue the same sequence
+    of calls.
     """
-    call = validate_call(
-        input, workspace, pattern, launch_with_pdl, trigger_completion_at_end,
-        output, residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma,
-        rms_eps, scale_factor, layout_code, use_oneshot, weight_bias,
-    )
+    args = locals()
+    if not isinstance(workspace, AllReduceFusionWorkspace):
+        raise TypeError(
+            "workspace must be an AllReduceFusionWorkspace (from "
+            f"create_allreduce_fusion_workspace), got {type(workspace).__name__}"
+        )
+    if workspace.destroyed:
+        raise ValueError("workspace has been destroyed; create a new one")
+    workspace.check()
     if torch.compiler.is_compiling():
+        call = validate_call(workspace, args, real=False)
         _launch_op(call, workspace)
     else:
+        call = validate_call(workspace, args)
         workspace.run(call)
-    return call.result()
+    return call.ret
 
 
 def _launch_op(call: FusionCall, workspace: AllReduceFusionWorkspace) -> None:
     """torch.compile sees one opaque op that mutates the outputs in place; the workspace
-    travels as its key in LIVE_WORKSPACES."""
+    travels as its key in LIVE_WORKSPACES. Only the outputs the pattern writes are
+    passed (already allocated), so unused outputs are not marked as mutated."""
     sf = call.scale_factor
     torch.ops.arfusion.allreduce_fusion_(
         call.input, id(workspace), call.pattern, call.launch_with_pdl,
@@ -140,14 +157,13 @@ def _allreduce_fusion_op(
     weight_bias: float,
 ) -> None:
     workspace = LIVE_WORKSPACES[workspace_id]
-    call = validate_call(
-        input, workspace, pattern, launch_with_pdl, trigger_completion_at_end,
-        output, residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma,
-        rms_eps, scale_tensor if scale_tensor is not None else
-        (None if scale_value < 0 else scale_value),
-        layout_code, None if use_oneshot < 0 else bool(use_oneshot), weight_bias,
-    )
-    workspace.run(call)
+    allreduce_fusion(
+        input, workspace, pattern, launch_with_pdl, trigger_completion_at_end, output=output,
+        residual_out=residual_out, norm_out=norm_out, quant_out=quant_out,
+        scale_out=scale_out, residual_in=residual_in, rms_gamma=rms_gamma, rms_eps=rms_eps,
+        scale_factor=scale_tensor if scale_tensor is not None else
+        (None if scale_value < 0 else scale_value), layout_code=layout_code,
+        use_oneshot=None if use_oneshot < 0 else bool(use_oneshot), weight_bias=weight_bias)
 
 
 @_allreduce_fusion_op.register_fake

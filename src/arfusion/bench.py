@@ -355,9 +355,9 @@ def _footprints(world: int, tokens: int, hidden: int, dtype: torch.dtype) -> dic
         world * e * 2, world * 256 * 4, 3 * min(world * e * dtype.itemsize, 2**31 - mib2)))
     return dict(config=f"{world} ranks, {tokens}x{hidden} {dtype}",
                 trtllm=sizing.buffer_bytes(world, e, e, dtype),
-                mnnvl=M.get_required_buffer_size_bytes(world, tokens, hidden, dtype),
-                mnnvl_force_oneshot=M.get_required_buffer_size_bytes(world, tokens, hidden,
-                                                                     dtype, True),
+                mnnvl=sizing.buffer_bytes(world, e, M.oneshot_capacity(world, e, dtype, False),
+                                          dtype),
+                mnnvl_force_oneshot=sizing.buffer_bytes(world, e, e, dtype),
                 flashinfer_trtllm=flashinfer)
 
 

@@ -15,7 +15,7 @@ None of these is used on the hot path of `allreduce_fusion`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -131,6 +131,7 @@ class InProcessGroup:
         self._splits: dict[tuple[int, int], InProcessGroup] = {}
         self._split_count = [0] * world_size
         self._lock = threading.Lock()
+        self.arrivals: dict[str, int] = {}  # the torch backend's arrival board
 
     def abort(self) -> None:
         """Break the barrier: every rank waiting in a collective gets BrokenBarrierError."""
@@ -190,3 +191,20 @@ class InProcessBackend:
 
 def is_in_process(comm: CommBackend | None) -> bool:
     return isinstance(comm, InProcessBackend)
+
+
+def bounded(fn: Callable[[], object], timeout_s: float) -> bool:
+    """Run `fn` (a collective such as a barrier) for at most `timeout_s` seconds:
+    True if it returned, False if it raised or is still waiting (it is left behind
+    on a daemon thread; a peer that is gone never answers)."""
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            fn()
+            done.set()
+        except BaseException:  # noqa: BLE001 - a failed collective is a missing peer
+            pass
+
+    threading.Thread(target=target, daemon=True).start()
+    return done.wait(timeout_s)

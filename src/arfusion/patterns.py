@@ -14,6 +14,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import torch
+
+# Element types of the communication tensors (input, residuals, norm outputs).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 class AllReduceFusionPattern:
     """Integer pattern codes, identical to `flashinfer.comm.AllReduceFusionPattern`."""

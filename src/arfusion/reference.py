@@ -49,8 +49,8 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_tensor(scale_factor: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(scale_factor, torch.Tensor):
-        return scale_factor.reshape(1).to(device=like.device, dtype=torch.float32)
+    if isinstance(scale_factor, torch.Tensor):  # element 0, as fp32
+        return scale_factor.reshape(-1)[:1].to(device=like.device, dtype=torch.float32)
     return _const(float(scale_factor), like)
 
 

@@ -6,6 +6,10 @@ C = ceil(T*H / N) rounded up to 16, plus two gather regions of N*C). A workspace
 sized for E elements (max_token_num * hidden_dim) with one-shot up to E1 <= E:
 
     bytes = 3 * round_up(max(N * round_up(E1, 16), 3 * N * C(E)), 64) * element size
+
+A one-shot call of up to `oneshot_fit` elements fits whatever E1 was asked for.
+World size 1 moves nothing between ranks (a local kernel): its rotations are a
+token 64 elements, and every call fits.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def chunk_elements(num_elements: int, world_size: int) -> int:
 
 def rotation_elements(world_size: int, max_elements: int, oneshot_elements: int) -> int:
     """Elements of one rotation: N one-shot slots, or two-shot scatter + two gathers."""
+    if world_size == 1:
+        return 64
     oneshot = world_size * round_up(oneshot_elements, 16)
     twoshot = 3 * world_size * chunk_elements(max_elements, world_size)
     return round_up(max(oneshot, twoshot), 64)
@@ -36,6 +42,11 @@ def buffer_bytes(world_size: int, max_elements: int, oneshot_elements: int,
     """Symmetric-buffer bytes per rank (see the module docstring)."""
     return ROTATIONS * rotation_elements(world_size, max_elements, oneshot_elements) \
         * dtype.itemsize
+
+
+def oneshot_fit(world_size: int, rotation: int) -> int:
+    """Largest one-shot call (elements per rank) a rotation of `rotation` elements holds."""
+    return rotation // world_size // 16 * 16
 
 
 def capacity(max_elements: int, oneshot_elements: int, use_oneshot: bool | None) -> int:

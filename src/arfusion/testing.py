@@ -506,7 +506,9 @@ def run_case(workspace, case: Case, rank: int, world_size: int, device: torch.de
     ret = allreduce_fusion(x, workspace, case.pattern, **out, **kwargs, **call_kwargs)
     if torch.device(device).type == "cuda":
         torch.cuda.current_stream().synchronize()
-    if ret is not out[PATTERNS[case.pattern].returns]:
-        raise AssertionError("allreduce_fusion did not return the pattern's output tensor")
+    want = out["norm_out"] if "norm_out" in out else out[PATTERNS[case.pattern].returns]
+    if ret is not want:
+        raise AssertionError("allreduce_fusion did not return norm_out (when passed) or the "
+                             "pattern's output tensor")
     check = check_outputs(out, case.reference(world_size, device), case, exact=exact)
     return CaseResult(case.label(), check, digest(out))

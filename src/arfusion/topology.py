@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .comm import CommBackend, is_in_process
-from .workspace import SUPPORTED_DTYPES
+from .patterns import SUPPORTED_DTYPES
 
 TRTLLM_MAX_RANKS = 16
 

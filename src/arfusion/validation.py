@@ -2,15 +2,32 @@
 
 `validate_call` raises `TypeError`/`ValueError` naming the argument and what was
 expected before anything is allocated or launched, so a rejected call leaves
-every tensor untouched. Only after every check has passed does it allocate the
-outputs the caller left as None. What each pattern reads and writes comes from
-`patterns.PATTERNS`.
+every tensor untouched. What each pattern reads and writes comes from
+`patterns.PATTERNS`; the drop-in rules (docs/contract.md, "Drop-in details") live
+here and nowhere else:
+
+- outputs a pattern does not write may be passed and are ignored;
+- `quant_out` / `scale_out` are byte buffers (any dtype and shape, contiguous,
+  large enough); the call carries flat views of the dtype the kernels store;
+- `scale_factor` is a float, or a floating tensor (element 0) on the device or
+  the CPU; floats and CPU tensors must be finite and > 0;
+- `input` may be any floating dtype of the workspace dtype's element size;
+- an output may be the very memory of an input (results are as if the inputs
+  were read first); outputs that overlap each other, or overlap an input only
+  partly, are rejected.
+
+Hot path: everything that depends only on the call's *signature* (pattern,
+flags, and each tensor's dtype, shape, device and contiguity) is checked once
+and kept as a `Plan` in the workspace's `plans` dict. A call with a known
+signature only re-checks what depends on the values: the scale factor, eps,
+and which tensors alias which.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -18,20 +35,63 @@ from .patterns import (
     LAYOUT_NAMES,
     NVFP4_BLOCK,
     PATTERNS,
+    SUPPORTED_DTYPES,
     UNSUPPORTED_PATTERNS,
     PatternTraits,
     Quant,
     QuantizationSFLayout,
     sf_size,
 )
-from .workspace import SUPPORTED_DTYPES, AllReduceFusionWorkspace
 
-SCALE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
+# FlashInfer's MoE keyword arguments: accepted, but they must be None until the
+# MoE patterns exist.
+MOE_ARGUMENTS = (
+    "moe_reduction_device_num_experts", "moe_reduction_scale_input",
+    "moe_reduction_active_experts_token_input", "moe_reduction_token_input",
+    "expanded_idx_to_permuted_idx", "expert_scale_factor", "shared_expert_output",
+    "block_quant_group_size",
+)
+DEFAULT_EPS = 1e-6
+
+
+class WorkspaceFacts(Protocol):
+    """What validation reads of a workspace (plain data; no import of workspace.py)."""
+
+    world_size: int
+    dtype: torch.dtype
+    device: torch.device | None
+    max_token_num: int
+    hidden_dim: int
+    plans: dict
+
+    def capacity(self, use_oneshot: bool | None = None) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a call signature decides once (see the module docstring)."""
+
+    pattern: int
+    traits: PatternTraits
+    num_tokens: int
+    hidden_dim: int
+    layout: int
+    write_output: bool  # `output` receives cast(s)
+    quant_view: torch.dtype | None  # flat view the kernel stores into (None: as passed)
+    scale_view: torch.dtype | None
+    scale_mode: str  # "none", "value" (a float), "host" (CPU tensor), "device"
+    returns: str  # the argument allreduce_fusion returns
+    written: tuple[str, ...]  # outputs this call writes (after allocation)
+    key: tuple  # the signature (backends key their own caches on it)
 
 
 @dataclass(slots=True)
 class FusionCall:
-    """A validated call: every tensor a backend reads or writes, outputs allocated."""
+    """A validated call: every tensor a backend reads or writes, outputs allocated.
+
+    `quant_out` / `scale_out` are flat views of the dtype the kernels store
+    (fp8 codes, packed uint8, scale bytes, fp32 per-token scales); `ret` is the
+    tensor allreduce_fusion returns."""
 
     input: torch.Tensor
     pattern: int
@@ -46,16 +106,14 @@ class FusionCall:
     residual_in: torch.Tensor | None
     rms_gamma: torch.Tensor | None
     rms_eps: float
-    scale_factor: float | torch.Tensor | None
+    scale_factor: float | torch.Tensor | None  # None: no quantisation scale
     layout_code: int
     use_oneshot: bool | None
     launch_with_pdl: bool
     trigger_completion_at_end: bool
     weight_bias: float
-
-    def result(self) -> torch.Tensor:
-        """The tensor allreduce_fusion returns for this pattern."""
-        return getattr(self, self.traits.returns)
+    plan: Plan
+    ret: torch.Tensor
 
 
 def _fmt_dtypes(dtypes) -> str:
@@ -66,14 +124,15 @@ def check_tensor(
     name: str,
     t: object,
     *,
-    dtypes: tuple[torch.dtype, ...],
+    dtypes: tuple[torch.dtype, ...] | None,
     shape: tuple[int, ...] | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """`t` is a contiguous tensor of one of `dtypes`, `shape` (if given), on `device`."""
+    """`t` is a contiguous tensor of one of `dtypes` (None: any), `shape` (if given),
+    on `device`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
+    if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype {_fmt_dtypes(dtypes)}, got {t.dtype}")
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
@@ -84,33 +143,67 @@ def check_tensor(
     return t
 
 
-def _check_scale_factor(scale_factor: object, device: torch.device, pattern_name: str):
-    if scale_factor is None:
-        raise ValueError(f"scale_factor is required for pattern {pattern_name}")
-    if isinstance(scale_factor, torch.Tensor):
-        if scale_factor.dtype != torch.float32 or scale_factor.numel() != 1:
-            raise ValueError(
-                "scale_factor must be a float or a 1-element torch.float32 tensor, got a "
-                f"{scale_factor.dtype} tensor of {scale_factor.numel()} elements"
-            )
-        if scale_factor.device != device:
-            raise ValueError(f"scale_factor must be on {device}, got {scale_factor.device}")
-        return scale_factor
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)):
-        raise TypeError(
-            "scale_factor must be a float or a 1-element torch.float32 tensor, "
-            f"got {type(scale_factor).__name__}"
+def _check_bytes(name: str, t: object, need: int, device: torch.device, what: str) -> None:
+    """A byte buffer: any contiguous tensor on `device` with at least `need` bytes."""
+    check_tensor(name, t, dtypes=None, shape=None, device=device)
+    have = t.numel() * t.element_size()
+    if have < need:
+        raise ValueError(f"{name} must hold at least {need} bytes for {what}, got {have}")
+
+
+def flat_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor's bytes as a 1-D tensor of `dtype`."""
+    return t.reshape(-1).view(torch.uint8).view(dtype)
+
+
+def _tensor_key(t: object) -> object:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (t.dtype, t.shape, t.device, t.is_contiguous())
+    return type(t)
+
+
+def _scale_key(sf: object) -> object:
+    if sf is None or isinstance(sf, (float, int)):
+        return type(sf)
+    if isinstance(sf, torch.Tensor):
+        return (sf.dtype, sf.device, sf.numel() > 0)
+    return type(sf)
+
+
+def as_bool(name: str, value: object) -> bool:
+    """True/False, 0/1 and numpy booleans, as Python takes them."""
+    if value is True or value is False:
+        return value
+    try:
+        if value in (0, 1) and not isinstance(value, float):
+            return bool(value)
+    except (TypeError, ValueError):
+        pass
+    raise TypeError(f"{name} must be a bool (or 0/1), got {value!r}")
+
+
+def _as_pattern(pattern: object) -> int:
+    """The pattern code as an int (numpy integers accepted, bools not)."""
+    if isinstance(pattern, bool) or not hasattr(pattern, "__index__"):
+        raise TypeError(f"pattern must be an AllReduceFusionPattern int, got {pattern!r}")
+    code = int(pattern.__index__())
+    if code in UNSUPPORTED_PATTERNS:
+        raise ValueError(
+            f"pattern {code} ({UNSUPPORTED_PATTERNS[code]}) is not supported by "
+            f"arfusion; supported patterns: {sorted(PATTERNS)}"
         )
-    if not (math.isfinite(scale_factor) and scale_factor > 0):
-        raise ValueError(f"scale_factor must be finite and > 0, got {scale_factor}")
-    return float(scale_factor)
+    if code not in PATTERNS:
+        raise ValueError(f"pattern must be one of {sorted(PATTERNS)}, got {code}")
+    return code
 
 
-def _check_capacity(ws: AllReduceFusionWorkspace, t: int, h: int, use_oneshot) -> None:
+def _check_capacity(ws: WorkspaceFacts, t: int, h: int, use_oneshot) -> None:
     elems = t * h
-    if ws.is_buffer_size_sufficient(ws.world_size, t, h, ws.dtype, use_oneshot):
-        return
     limit = ws.capacity(use_oneshot)
+    if elems <= limit:
+        return
     if use_oneshot and elems <= ws.capacity(None):
         raise ValueError(
             f"use_oneshot=True needs num_tokens*hidden_dim <= {limit} for this workspace, "
@@ -124,168 +217,241 @@ def _check_capacity(ws: AllReduceFusionWorkspace, t: int, h: int, use_oneshot) -
     )
 
 
-def validate_call(
-    input: object,
-    workspace: object,
-    pattern: object,
-    launch_with_pdl: bool,
-    trigger_completion_at_end: bool,
-    output: torch.Tensor | None,
-    residual_out: torch.Tensor | None,
-    norm_out: torch.Tensor | None,
-    quant_out: torch.Tensor | None,
-    scale_out: torch.Tensor | None,
-    residual_in: torch.Tensor | None,
-    rms_gamma: torch.Tensor | None,
-    rms_eps: float,
-    scale_factor: float | torch.Tensor | None,
-    layout_code: int | None,
-    use_oneshot: bool | None,
-    weight_bias: float,
-) -> FusionCall:
-    if not isinstance(workspace, AllReduceFusionWorkspace):
-        raise TypeError(
-            "workspace must be an AllReduceFusionWorkspace (from "
-            f"create_allreduce_fusion_workspace), got {type(workspace).__name__}"
-        )
-    if workspace.destroyed:
-        raise ValueError("workspace has been destroyed; create a new one")
-    workspace.check()
+def _number(name: str, value: object, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
 
-    if isinstance(pattern, bool) or not isinstance(pattern, int):
-        raise TypeError(f"pattern must be an AllReduceFusionPattern int, got {pattern!r}")
-    if pattern in UNSUPPORTED_PATTERNS:
-        raise ValueError(
-            f"pattern {pattern} ({UNSUPPORTED_PATTERNS[pattern]}) is not supported by "
-            f"arfusion; supported patterns: {sorted(PATTERNS)}"
-        )
-    if pattern not in PATTERNS:
-        raise ValueError(f"pattern must be one of {sorted(PATTERNS)}, got {pattern}")
+
+def _make_plan(ws: WorkspaceFacts, key: tuple, a: dict[str, Any]) -> Plan:
+    """Every signature-level check of a call (`a`: allreduce_fusion's arguments)."""
+    pattern = _as_pattern(a["pattern"])
     traits = PATTERNS[pattern]
-
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() != 2:
+    for name in MOE_ARGUMENTS:
+        if a.get(name) is not None:
+            raise ValueError(f"{name} is only for the MoE patterns, which arfusion does not "
+                             f"support; pass None (pattern {traits.name})")
+    x = a["input"]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
         raise ValueError(
-            f"input must be 2-D [num_tokens, hidden_dim], got shape {list(input.shape)}"
+            f"input must be 2-D [num_tokens, hidden_dim], got shape {list(x.shape)}"
         )
-    t, h = input.shape
+    t, h = x.shape
     if t < 1 or h < 1:
         raise ValueError(f"input must have at least one token and one column, got {[t, h]}")
-    if input.dtype != workspace.dtype:
+    if x.dtype not in SUPPORTED_DTYPES or x.element_size() != ws.dtype.itemsize:
+        same_size = [d for d in SUPPORTED_DTYPES if d.itemsize == ws.dtype.itemsize]
         raise ValueError(
-            f"input must have the workspace dtype {workspace.dtype}, got {input.dtype}"
+            f"input must have a dtype of the workspace dtype's element size "
+            f"({_fmt_dtypes(same_size)} for a {ws.dtype} workspace), got {x.dtype}"
         )
-    device = workspace.device if workspace.device is not None else input.device
-    check_tensor("input", input, dtypes=SUPPORTED_DTYPES, shape=None, device=device)
-    if use_oneshot is not None and not isinstance(use_oneshot, bool):
-        raise TypeError(f"use_oneshot must be None, True or False, got {use_oneshot!r}")
-    _check_capacity(workspace, t, h, use_oneshot)
+    device = ws.device if ws.device is not None else x.device
+    check_tensor("input", x, dtypes=None, shape=None, device=device)
+    use_oneshot = a["use_oneshot"]
+    if use_oneshot is not None:
+        use_oneshot = as_bool("use_oneshot", use_oneshot)
+    _check_capacity(ws, t, h, use_oneshot)
+    for flag in ("launch_with_pdl", "trigger_completion_at_end"):
+        as_bool(flag, a[flag])
 
-    row = (t, h)
-    same = (input.dtype,)
-    unused = {
-        "output": False,  # output is optional for every pattern
-        "residual_out": not traits.norm,
-        "norm_out": not traits.norm_out,
-        "quant_out": traits.quant == Quant.NONE,
-        "scale_out": traits.quant in (Quant.NONE, Quant.FP8),
-    }
-    given = {"output": output, "residual_out": residual_out, "norm_out": norm_out,
-             "quant_out": quant_out, "scale_out": scale_out}
-    for name, is_unused in unused.items():
-        if is_unused and given[name] is not None:
-            raise ValueError(f"{name} is not written by pattern {traits.name}; pass None")
-
-    if traits.norm:
-        if residual_in is None:
-            raise ValueError(f"residual_in is required for pattern {traits.name}")
-        if rms_gamma is None:
-            raise ValueError(f"rms_gamma is required for pattern {traits.name}")
-        check_tensor("residual_in", residual_in, dtypes=same, shape=row, device=device)
-        check_tensor("rms_gamma", rms_gamma, dtypes=SUPPORTED_DTYPES, shape=(h,), device=device)
-        for name, value in (("rms_eps", rms_eps), ("weight_bias", weight_bias)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not rms_eps >= 0:
-            raise ValueError(f"rms_eps must be >= 0, got {rms_eps}")
-
-    for name in ("output", "residual_out", "norm_out"):
-        if given[name] is not None:
-            check_tensor(name, given[name], dtypes=same, shape=row, device=device)
-
-    layout = QuantizationSFLayout.SWIZZLED_128x4 if layout_code is None else layout_code
+    row, same = (t, h), (x.dtype,)
     quant = traits.quant
-    if quant in (Quant.FP8, Quant.NVFP4):
-        scale_factor = _check_scale_factor(scale_factor, device, traits.name)
-    if quant in (Quant.FP8, Quant.DYNAMIC_FP8) and quant_out is not None:
-        check_tensor("quant_out", quant_out, dtypes=(torch.float8_e4m3fn,), shape=row,
+    if traits.norm:
+        for name in ("residual_in", "rms_gamma"):
+            if a[name] is None:
+                raise ValueError(f"{name} is required for pattern {traits.name}")
+        check_tensor("residual_in", a["residual_in"], dtypes=same, shape=row, device=device)
+        check_tensor("rms_gamma", a["rms_gamma"], dtypes=SUPPORTED_DTYPES, shape=(h,),
                      device=device)
-    if quant == Quant.DYNAMIC_FP8 and scale_out is not None:
-        check_tensor("scale_out", scale_out, dtypes=(torch.float32,), shape=None, device=device)
-        if tuple(scale_out.shape) not in ((t, 1), (t,)):
-            raise ValueError(
-                f"scale_out must have shape [{t}, 1] for dynamic FP8, got {list(scale_out.shape)}"
-            )
+        _number("rms_eps", a["rms_eps"], DEFAULT_EPS)
+        _number("weight_bias", a["weight_bias"], 0.0)
+    written = ["output"] if a["output"] is not None or not traits.norm else []
+    if traits.norm:
+        written.append("residual_out")
+    if traits.norm_out:
+        written.append("norm_out")
+    if quant != Quant.NONE:
+        written.append("quant_out")
+    if quant in (Quant.NVFP4, Quant.DYNAMIC_FP8):
+        written.append("scale_out")
+    for name in ("output", "residual_out", "norm_out"):
+        if name in written and a[name] is not None:
+            check_tensor(name, a[name], dtypes=same, shape=row, device=device)
+
+    layout = QuantizationSFLayout.SWIZZLED_128x4 if a["layout_code"] is None \
+        else a["layout_code"]
+    scale_mode = "none"
+    if quant in (Quant.FP8, Quant.NVFP4):
+        scale_mode = _check_scale_factor(a["scale_factor"], device)
+    quant_view = scale_view = None
+    q, s = a["quant_out"], a["scale_out"]
+    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+        if q is not None:
+            _check_bytes("quant_out", q, t * h, device, f"{t}x{h} FP8 codes")
+            if q.dtype != torch.float8_e4m3fn or tuple(q.shape) != row:
+                quant_view = torch.float8_e4m3fn
+    if quant == Quant.DYNAMIC_FP8 and s is not None:
+        _check_bytes("scale_out", s, 4 * t, device, f"{t} fp32 per-token scales")
+        if s.dtype != torch.float32 or tuple(s.shape) not in ((t, 1), (t,)):
+            scale_view = torch.float32
     if quant == Quant.NVFP4:
-        if input.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"NVFP4 patterns need float16 or bfloat16 input, got {input.dtype}")
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"NVFP4 patterns need float16 or bfloat16 input, got {x.dtype}")
         if h % NVFP4_BLOCK:
             raise ValueError(f"NVFP4 patterns need hidden_dim % 16 == 0, got hidden_dim={h}")
         if isinstance(layout, bool) or layout not in LAYOUT_NAMES:
             raise ValueError(
                 f"layout_code must be a QuantizationSFLayout ({sorted(LAYOUT_NAMES)}), "
-                f"got {layout_code!r}"
+                f"got {a['layout_code']!r}"
             )
-        if quant_out is not None:
-            check_tensor("quant_out", quant_out, dtypes=(torch.uint8,), shape=(t, h // 2),
-                         device=device)
-        if scale_out is not None:
-            check_tensor("scale_out", scale_out, dtypes=SCALE_DTYPES, shape=None, device=device)
-            need = sf_size(t, h // NVFP4_BLOCK, layout)
-            if scale_out.numel() < need:
-                raise ValueError(
-                    f"scale_out must hold at least {need} bytes for {t} tokens, hidden_dim "
-                    f"{h} in layout {LAYOUT_NAMES[layout]}, got {scale_out.numel()}"
-                )
+        layout = int(layout)
+        if q is not None:
+            _check_bytes("quant_out", q, t * h // 2, device, f"{t}x{h} packed NVFP4 codes")
+            if q.dtype != torch.uint8 or tuple(q.shape) != (t, h // 2):
+                quant_view = torch.uint8
+        if s is not None:
+            _check_bytes("scale_out", s, sf_size(t, h // NVFP4_BLOCK, layout), device,
+                         f"{t} tokens, hidden_dim {h} in layout {LAYOUT_NAMES[layout]}")
+            if s.dtype != torch.uint8 or s.dim() != 1:
+                scale_view = torch.uint8
+    returns = "norm_out" if a["norm_out"] is not None else traits.returns
+    return Plan(pattern, traits, t, h, layout, a["output"] is not None and traits.norm, quant_view,
+                scale_view, scale_mode, returns, tuple(written), key)
 
-    # Every check passed: allocate what the caller left out.
-    def alloc(shape, dtype=input.dtype):
-        return torch.empty(shape, dtype=dtype, device=input.device)
 
-    if not traits.norm and output is None:
-        output = alloc(row)
-    if traits.norm:
-        residual_out = alloc(row) if residual_out is None else residual_out
-        if traits.norm_out and norm_out is None:
-            norm_out = alloc(row)
-    if quant in (Quant.FP8, Quant.DYNAMIC_FP8) and quant_out is None:
-        quant_out = alloc(row, torch.float8_e4m3fn)
-    if quant == Quant.DYNAMIC_FP8 and scale_out is None:
-        scale_out = alloc((t, 1), torch.float32)
-    if quant == Quant.NVFP4:
-        quant_out = alloc((t, h // 2), torch.uint8) if quant_out is None else quant_out
-        if scale_out is None:
-            scale_out = alloc((sf_size(t, h // NVFP4_BLOCK, layout),), torch.uint8)
-
-    return FusionCall(
-        input=input,
-        pattern=pattern,
-        traits=traits,
-        num_tokens=t,
-        hidden_dim=h,
-        output=output,
-        residual_out=residual_out,
-        norm_out=norm_out,
-        quant_out=quant_out,
-        scale_out=scale_out,
-        residual_in=residual_in if traits.norm else None,
-        rms_gamma=rms_gamma if traits.norm else None,
-        rms_eps=float(rms_eps),
-        scale_factor=scale_factor if quant in (Quant.FP8, Quant.NVFP4) else None,
-        layout_code=layout,
-        use_oneshot=use_oneshot,
-        launch_with_pdl=bool(launch_with_pdl),
-        trigger_completion_at_end=bool(trigger_completion_at_end),
-        weight_bias=float(weight_bias),
+def _check_scale_factor(scale_factor: object, device: torch.device) -> str:
+    """The scale factor's mode; its value is checked per call (`_scale_value`)."""
+    if scale_factor is None or (isinstance(scale_factor, (int, float))
+                                and not isinstance(scale_factor, bool)):
+        return "value"
+    if isinstance(scale_factor, torch.Tensor):
+        if not scale_factor.is_floating_point() or scale_factor.numel() < 1:
+            raise ValueError(
+                "scale_factor must be a float or a floating-point tensor with at least one "
+                f"element, got a {scale_factor.dtype} tensor of {scale_factor.numel()} elements"
+            )
+        if scale_factor.device.type == "cpu":
+            return "host"
+        if scale_factor.device != device:
+            raise ValueError(f"scale_factor must be on {device} or the CPU, got "
+                             f"{scale_factor.device}")
+        return "device"
+    raise TypeError(
+        "scale_factor must be a float or a floating-point tensor, "
+        f"got {type(scale_factor).__name__}"
     )
+
+
+def _scale_value(plan: Plan, scale_factor: object) -> float | torch.Tensor | None:
+    """What the kernels get: a checked float, or the device tensor (not read here, so
+    CUDA graphs stay valid when its value changes)."""
+    mode = plan.scale_mode
+    if mode == "none":
+        return None
+    if mode == "device":
+        return scale_factor
+    if scale_factor is None:
+        return 1.0
+    value = float(scale_factor.reshape(-1)[0]) if mode == "host" else float(scale_factor)
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"scale_factor must be finite and > 0, got {value}")
+    return value
+
+
+ALIAS_INPUTS = ("input", "residual_in")
+
+
+def _check_aliasing(plan: Plan, tensors: dict[str, torch.Tensor | None],
+                    gamma: torch.Tensor | None) -> None:
+    """Written outputs may not overlap each other or gamma, and may overlap an input
+    only as the very same memory (read first, then written)."""
+    spans = []
+    for name in plan.written:
+        t = tensors[name]
+        if t is not None:
+            spans.append((t.data_ptr(), t.numel() * t.element_size(), name))
+    inputs = [(t.data_ptr(), t.numel() * t.element_size(), name)
+              for name in ALIAS_INPUTS if (t := tensors[name]) is not None]
+    if gamma is not None:
+        inputs.append((gamma.data_ptr(), -1, "rms_gamma"))  # never the same memory
+    for i, (p, n, name) in enumerate(spans):
+        for q, m, other in spans[i + 1:]:
+            if p < q + m and q < p + n:
+                raise ValueError(f"{name} and {other} overlap: each output needs its own "
+                                 "memory, or one result would overwrite the other")
+        for q, m, other in inputs:
+            if (p, n) != (q, m) and p < q + abs(m) and q < p + n:
+                raise ValueError(f"{name} partly overlaps {other}: an output may be an "
+                                 "input's very memory (in place), not part of it")
+
+
+def validate_call(ws: WorkspaceFacts, a: dict[str, Any], real: bool = True) -> FusionCall:
+    """Check one call (`a`: allreduce_fusion's arguments by name) and allocate the
+    outputs left as None. `real=False` (torch.compile tracing, fake tensors) skips
+    the checks that read memory addresses or values."""
+    x = a["input"]
+    key = (type(a["pattern"]), a["pattern"], _tensor_key(x), _tensor_key(a["residual_in"]),
+           _tensor_key(a["rms_gamma"]), _tensor_key(a["output"]),
+           _tensor_key(a["residual_out"]), _tensor_key(a["norm_out"]),
+           _tensor_key(a["quant_out"]), _tensor_key(a["scale_out"]),
+           _scale_key(a["scale_factor"]), a["layout_code"], a["use_oneshot"],
+           a["launch_with_pdl"], a["trigger_completion_at_end"], type(a["rms_eps"]),
+           type(a["weight_bias"]), *(a.get(n) is None for n in MOE_ARGUMENTS))
+    try:
+        plan = ws.plans.get(key)
+    except TypeError:  # an unhashable argument: the full checks name it
+        plan = key = None
+    if plan is None:
+        plan = _make_plan(ws, key, a)
+        if key is not None:
+            ws.plans[key] = plan
+    traits = plan.traits
+    norm = traits.norm
+    scale = _scale_value(plan, a["scale_factor"])
+    rms_eps = DEFAULT_EPS if a["rms_eps"] is None else float(a["rms_eps"])
+    if norm and not rms_eps >= 0:
+        raise ValueError(f"rms_eps must be >= 0, got {rms_eps}")
+    weight_bias = 0.0 if a["weight_bias"] is None else float(a["weight_bias"])
+    out = {name: a[name] for name in plan.written}
+    if real:
+        _check_aliasing(plan, {**out, "input": x, "residual_in": a["residual_in"] if norm
+                               else None}, a["rms_gamma"] if norm else None)
+
+    # Every check passed: allocate what the caller left out, make the kernels' views.
+    t, h = plan.num_tokens, plan.hidden_dim
+    quant = traits.quant
+    shapes = {"output": ((t, h), x.dtype), "residual_out": ((t, h), x.dtype),
+              "norm_out": ((t, h), x.dtype)}
+    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+        shapes["quant_out"] = ((t, h), torch.float8_e4m3fn)
+        shapes["scale_out"] = ((t, 1), torch.float32)
+    elif quant == Quant.NVFP4:
+        shapes["quant_out"] = ((t, h // 2), torch.uint8)
+        shapes["scale_out"] = ((sf_size(t, h // NVFP4_BLOCK, plan.layout),), torch.uint8)
+    for name, value in out.items():
+        if value is None:
+            shape, dtype = shapes[name]
+            out[name] = torch.empty(shape, dtype=dtype, device=x.device)
+    ret = a["norm_out"] if plan.returns == "norm_out" and a["norm_out"] is not None \
+        else out[plan.returns]
+    quant_out, scale_out = out.get("quant_out"), out.get("scale_out")
+    if plan.quant_view is not None and a["quant_out"] is not None:
+        quant_out = flat_view(quant_out, plan.quant_view)
+    if plan.scale_view is not None and a["scale_out"] is not None:
+        scale_out = flat_view(scale_out, plan.scale_view)
+    return FusionCall(
+        input=x, pattern=plan.pattern, traits=traits, num_tokens=t, hidden_dim=h,
+        output=out.get("output"), residual_out=out.get("residual_out"),
+        norm_out=out.get("norm_out"), quant_out=quant_out, scale_out=scale_out,
+        residual_in=a["residual_in"] if norm else None,
+        rms_gamma=a["rms_gamma"] if norm else None, rms_eps=rms_eps, scale_factor=scale,
+        layout_code=plan.layout, use_oneshot=None if a["use_oneshot"] is None
+        else bool(a["use_oneshot"]), launch_with_pdl=bool(a["launch_with_pdl"]),
+        trigger_completion_at_end=bool(a["trigger_completion_at_end"]),
+        weight_bias=weight_bias, plan=plan, ret=ret,
+    )
+

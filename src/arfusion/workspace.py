@@ -8,16 +8,37 @@ size), and must be destroyed (explicitly or as a context manager) by all ranks.
 from __future__ import annotations
 
 import abc
+import enum
+import os
 import warnings
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
+from .patterns import SUPPORTED_DTYPES
+
 if TYPE_CHECKING:
     from .validation import FusionCall
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+DEFAULT_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "ARFUSION_TIMEOUT_S"
+
+
+class MNNVLAllreduceFusionStrategy(enum.Enum):
+    """FlashInfer's strategy enum (`flashinfer.comm.trtllm_mnnvl_ar`)."""
+
+    ONESHOT = 0
+    TWOSHOT = 1
+    AUTO = 99
+
+    @property
+    def use_oneshot(self) -> bool | None:
+        """The `use_oneshot` argument that means the same."""
+        return {0: True, 1: False, 99: None}[self.value]
+
+
 
 # Live workspaces by id(): the torch custom op (torch.compile's view of a call)
 # carries this key instead of the workspace object.
@@ -47,6 +68,8 @@ class AllReduceFusionWorkspace(abc.ABC):
         self.hidden_dim = hidden_dim
         self.dtype = dtype
         self.device = device
+        self.plans: dict = {}  # call signature -> validation.Plan (the hot path's cache)
+        self.timeout_s = None
 
     @property
     def world_size(self) -> int:
@@ -71,18 +94,49 @@ class AllReduceFusionWorkspace(abc.ABC):
         hidden_dim: int,
         dtype: torch.dtype,
         use_oneshot: bool | None = None,
+        strategy: MNNVLAllreduceFusionStrategy | None = None,
     ) -> bool:
-        """Whether a call of this shape fits (None: the strategy the heuristic picks)."""
+        """Whether a call of this shape fits: same world size, a dtype of the
+        workspace dtype's element size, num_tokens * hidden_dim within the capacity
+        of the strategy (`use_oneshot`, or FlashInfer's `strategy` enum; None: the
+        one the heuristic picks)."""
+        if strategy is not None:
+            use_oneshot = MNNVLAllreduceFusionStrategy(strategy).use_oneshot
         return (
             tp_size == self.world_size
-            and dtype == self.dtype
+            and dtype in SUPPORTED_DTYPES
+            and dtype.itemsize == self.dtype.itemsize
             and num_tokens >= 1
             and hidden_dim >= 1
             and num_tokens * hidden_dim <= self.capacity(use_oneshot)
         )
 
+    @property
+    def timeout_s(self) -> float:
+        """Seconds a call waits for its peers before giving up (env ARFUSION_TIMEOUT_S,
+        default 30); destroy() waits for them at most as long."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float | None) -> None:
+        if value is None:
+            value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        if not value > 0:
+            raise ValueError(f"timeout_s must be > 0, got {value}")
+        self._timeout_s = float(value)
+
+    def failed_ranks(self) -> list[int]:
+        """Ranks an earlier call waited for in vain (empty while all is well)."""
+        return []
+
     def check(self) -> None:
-        """Raise RuntimeError if an earlier call failed (e.g. a peer never arrived)."""
+        """Raise RuntimeError if an earlier call failed (a peer never arrived)."""
+        if missing := self.failed_ranks():
+            raise RuntimeError(
+                f"rank {self.rank}: ranks {missing} did not arrive within "
+                f"{self.timeout_s:g} s in an earlier allreduce_fusion call; this workspace "
+                "is unusable: destroy it and create a new one on every rank"
+            )
 
     @abc.abstractmethod
     def run(self, call: FusionCall) -> None:
@@ -92,7 +146,10 @@ class AllReduceFusionWorkspace(abc.ABC):
         """Free what this workspace holds; called once by destroy()."""
 
     def destroy(self) -> None:
-        """Free the workspace's memory. Idempotent; call it on every rank."""
+        """Free the workspace's memory. Idempotent; call it on every rank.
+
+        Never hangs: it waits for the peers at most the workspace's wait bound, and
+        frees only what no live peer can still write (the backends say how)."""
         if self._destroyed:
             return
         self._destroyed = True

@@ -6,10 +6,11 @@ a node, direct mappings between ranks that are threads of one process. No NVLink
 multicast, so it runs on every NVLink system.
 
 Sizing follows flashinfer's MNNVL workspace: two-shot at every size up to
-max_token_num * hidden_dim, one-shot only up to the heuristic threshold, unless
-`force_oneshot_support=True` sizes one-shot for every size too. Forcing one-shot
-beyond what the workspace holds is a ValueError (`is_buffer_size_sufficient`
-answers per strategy).
+max_token_num * hidden_dim, one-shot up to the heuristic threshold, unless
+`force_oneshot_support=True` sizes one-shot for every size too. One-shot is then
+allowed for every call the allocated rotations hold (often more than the
+threshold); forcing it beyond that is a ValueError (`is_buffer_size_sufficient`
+answers per strategy, `use_oneshot=` or FlashInfer's `strategy=` enum).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..comm import CommBackend
 from ..memory import default_comm
 from ..memory.cumem import CuMemBuffer
 from ..topology import Request
+from ..workspace import MNNVLAllreduceFusionStrategy
 from .symmetric import SymmetricWorkspace
 
 
@@ -66,14 +68,25 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
             return num_elements
         return min(num_elements, heuristics.oneshot_max_elements(world_size, dtype))
 
-    @classmethod
-    def get_required_buffer_size_bytes(cls, tp_size: int, num_tokens: int, hidden_dim: int,
-                                       dtype: torch.dtype, use_oneshot: bool | None = None
-                                       ) -> int:
-        """Symmetric memory per rank for calls up to num_tokens x hidden_dim:
-        `use_oneshot=True` sizes one-shot for every size (force_oneshot_support);
-        False or None, two-shot for every size and one-shot up to the threshold."""
+    @property
+    def buffer_size_bytes(self) -> int:
+        """Bytes of one Lamport buffer (one of the three rotations), as FlashInfer's."""
+        return self.buf_stride * self.dtype.itemsize
+
+    @staticmethod
+    def get_required_buffer_size_bytes(
+        tp_size: int, num_tokens: int, hidden_dim: int, dtype: torch.dtype,
+        strategy: MNNVLAllreduceFusionStrategy | bool | None = MNNVLAllreduceFusionStrategy.AUTO,
+    ) -> int:
+        """Bytes of one Lamport buffer a call of num_tokens x hidden_dim needs with
+        `strategy` (AUTO: the one the heuristic picks; a bool means use_oneshot).
+        One-shot: T*H*N*element size, as FlashInfer; two-shot: N scatter slots and
+        two gather regions of ceil(T*H/N) elements each, rounded up to 16."""
+        if isinstance(strategy, MNNVLAllreduceFusionStrategy):
+            strategy = strategy.use_oneshot
         elems = num_tokens * hidden_dim
-        return sizing.buffer_bytes(
-            tp_size, elems, cls.oneshot_capacity(tp_size, elems, dtype, bool(use_oneshot)),
-            dtype)
+        if strategy is None:
+            strategy = heuristics.choose_oneshot(tp_size, elems, dtype)
+        if strategy:
+            return elems * tp_size * dtype.itemsize
+        return 3 * tp_size * sizing.chunk_elements(elems, tp_size) * dtype.itemsize

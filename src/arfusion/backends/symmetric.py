@@ -4,13 +4,22 @@ Footprint per rank: `sizing.buffer_bytes` of symmetric memory (three rotations,
 each big enough for a one-shot call of E1 elements or a two-shot call of
 E = max_token_num * hidden_dim elements), plus 64 bytes of protocol state on the
 device and 4 * (N + 1) bytes of pinned host memory. Subclasses choose the
-transport and the one-shot capacity E1.
+transport and the one-shot capacity E1 they ask for; one-shot is then allowed for
+every call the rotations hold (`sizing.oneshot_fit`), which can be more.
+
+World size 1 runs the local kernel (kernels/local.py): no Lamport traffic, no
+protocol state; the transport still provides a token buffer.
+
+destroy(): this rank's kernels finish first (every wait in them is bounded by
+`timeout_s`), then the ranks meet for at most `timeout_s`. If all arrive, the
+buffer is freed as usual; if not, the transport frees only what no peer can
+still write (`memory.SymmetricBuffer.close`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,9 +28,6 @@ from .. import heuristics, sizing
 from ..memory import SymmetricBuffer, ranks_on_my_gpu
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
-
-DEFAULT_TIMEOUT_S = 30.0
-TIMEOUT_ENV = "ARFUSION_TIMEOUT_S"
 
 
 def load_kernels():
@@ -50,9 +56,10 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
     ):
         super().__init__(world_size, rank, max_token_num, hidden_dim, dtype, device)
         launch = load_kernels()
-        self.oneshot_elements = oneshot_elements
         elems = max_token_num * hidden_dim
         self.buf_stride = sizing.rotation_elements(world_size, elems, oneshot_elements)
+        self.oneshot_elements = elems if world_size == 1 else min(
+            elems, sizing.oneshot_fit(world_size, self.buf_stride))
         nbytes = sizing.buffer_bytes(world_size, elems, oneshot_elements, dtype)
         self.timeout_s = timeout_s
         self._buffer: SymmetricBuffer = buffer_factory(nbytes)
@@ -79,42 +86,20 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
             dummy={d: torch.zeros(1, dtype=d, device=device)
                    for d in (torch.uint8, torch.float32)},
         )
-        self._launch = launch.launch
+        self._launch = launch.Launcher(self._res)
         self.footprint_bytes = nbytes
         torch.cuda.synchronize(device)
         buf.comm.barrier()  # no peer writes into a buffer that is not yet initialised
         self._mark_ready()
-
-    @property
-    def timeout_s(self) -> float:
-        """Seconds a kernel waits for peers before giving up (env ARFUSION_TIMEOUT_S)."""
-        return self._timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float | None) -> None:
-        if value is None:
-            value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        if not value > 0:
-            raise ValueError(f"timeout_s must be > 0, got {value}")
-        self._timeout_s = float(value)
 
     def capacity(self, use_oneshot: bool | None = None) -> int:
         return sizing.capacity(self.max_token_num * self.hidden_dim, self.oneshot_elements,
                                use_oneshot)
 
     def failed_ranks(self) -> list[int]:
-        """Ranks an earlier call waited for in vain (empty while all is well)."""
         if not self._err_np[0]:
             return []
         return [r for r in range(self.world_size) if self._err_np[1 + r]]
-
-    def check(self) -> None:
-        if self._err_np[0]:
-            raise RuntimeError(
-                f"rank {self.rank}: ranks {self.failed_ranks()} did not arrive within "
-                f"{self.timeout_s:g} s in an earlier allreduce_fusion call; this workspace "
-                "is unusable: destroy it and create a new one on every rank"
-            )
 
     def picks_oneshot(self, num_elements: int, use_oneshot: bool | None = None) -> bool:
         """The strategy a call of `num_elements` per rank runs with."""
@@ -125,9 +110,18 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
 
     def run(self, call: FusionCall) -> None:
         oneshot = self.picks_oneshot(call.num_tokens * call.hidden_dim, call.use_oneshot)
-        self._launch(call, self._res, oneshot, int(self._timeout_s * 1e9))
+        self._launch(call, oneshot, self._timeout_s)
+
+    @contextlib.contextmanager
+    def compile_only(self) -> Iterator[None]:
+        """Within this block, calls compile and load the kernel variant they need but
+        launch nothing (no peer needed, no protocol state touched): a rank can build
+        every variant before any rank's kernel waits for a peer."""
+        self._launch.compile_only = True
+        try:
+            yield
+        finally:
+            self._launch.compile_only = False
 
     def _release(self) -> None:
-        # Collective even after a timeout: close() waits for this device and meets
-        # every rank first, so no kernel still writes into what is freed.
-        self._buffer.close()
+        self._buffer.close(self.timeout_s)

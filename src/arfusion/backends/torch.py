@@ -5,6 +5,17 @@ sums in rank order in fp32 and runs `reference.epilogue`, so it gives the same
 bits as the GPU kernels. It moves N times the data of a real all-reduce; it is
 the fallback and the oracle, never chosen by "auto".
 
+Each call first exchanges a small signature (call index, tokens, hidden size,
+dtype, pattern) and only then the data:
+
+- the signature exchange runs on a helper thread for at most `timeout_s`; a rank
+  that waited in vain names the ranks that never reached this call (each rank
+  posts the index of the call it reached on an arrival board: the process
+  group's store, or the in-process group), and the workspace is unusable after;
+- ranks whose signatures differ all raise `RuntimeError` naming the ranks and
+  what differed, before any data moves; the workspace stays usable (every rank
+  saw the same signatures and moved nothing).
+
 Exchange: `comm_backend.allgather` when one is given (ranks in one process pass
 tensors by reference; MPI pickles them), else `torch.distributed.all_gather` on
 `group` (default WORLD). World size 1 needs neither.
@@ -12,26 +23,55 @@ tensors by reference; MPI pickles them), else `torch.distributed.all_gather` on
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import torch
 
 from .. import reference
-from ..comm import CommBackend, is_in_process
+from ..comm import CommBackend, InProcessBackend, TorchDistBackend, bounded, is_in_process
 from ..topology import Request
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
 
+SIGNATURE = ("call", "num_tokens", "hidden_dim", "dtype", "pattern")
+
 
 def write_outputs(call: FusionCall, results: dict[str, torch.Tensor]) -> None:
-    """Copy `reference.epilogue` results into the call's output tensors."""
-    for name in ("output", "residual_out", "norm_out", "quant_out"):
+    """Copy `reference.epilogue` results into the call's output tensors (quant_out and
+    scale_out are flat views of the kernels' dtypes: the results fill their front)."""
+    for name in ("output", "residual_out", "norm_out", "quant_out", "scale_out"):
         dst = getattr(call, name)
         if dst is not None:
-            dst.copy_(results[name])
-    if call.scale_out is not None:
-        src = results["scale_out"].reshape(-1)
-        call.scale_out.reshape(-1)[: src.numel()].copy_(src.view(call.scale_out.dtype))
+            src = results[name].reshape(-1)
+            dst.reshape(-1)[: src.numel()].copy_(src)
+
+
+class _ArrivalBoard:
+    """Which call each rank has reached: `post(seq)` before waiting, `behind(seq)`
+    lists the ranks that have not reached call `seq`. Over the process group's
+    key-value store, or a dict shared by ranks that are threads of one process;
+    None where neither exists (MPI)."""
+
+    def __init__(self, store: Any, prefix: str, rank: int, world_size: int):
+        self._store, self._prefix, self._rank, self._world = store, prefix, rank, world_size
+
+    def post(self, seq: int) -> None:
+        self._set(f"{self._prefix}/{self._rank}", seq)
+
+    def behind(self, seq: int) -> list[int]:
+        return [r for r in range(self._world) if self._get(f"{self._prefix}/{r}") < seq]
+
+    def _set(self, key: str, seq: int) -> None:
+        if isinstance(self._store, dict):
+            self._store[key] = seq
+        else:
+            self._store.set(key, str(seq))
+
+    def _get(self, key: str) -> int:
+        if isinstance(self._store, dict):
+            return self._store.get(key, -1)
+        return int(self._store.get(key)) if self._store.check([key]) else -1
 
 
 class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
@@ -46,34 +86,96 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         dtype: torch.dtype,
         comm_backend: CommBackend | None = None,
         group: Any = None,
+        timeout_s: float | None = None,
     ):
         super().__init__(world_size, rank, max_token_num, hidden_dim, dtype, device=None)
+        self.timeout_s = timeout_s
         self._comm = comm_backend
         self._group = None
-        if world_size > 1 and comm_backend is None:
-            import torch.distributed as dist
+        self._seq = 0
+        self._missing: list[int] = []
+        self._board = None
+        if world_size > 1:
+            if comm_backend is None:
+                import torch.distributed as dist
 
-            if not (dist.is_available() and dist.is_initialized()):
-                raise ValueError(
-                    "the torch backend with world_size > 1 needs comm_backend or an "
-                    "initialised torch.distributed process group"
-                )
-            self._group = group if group is not None else dist.group.WORLD
-            if dist.get_world_size(self._group) != world_size:
-                raise ValueError(
-                    f"world_size={world_size} does not match the process group's size "
-                    f"{dist.get_world_size(self._group)}"
-                )
+                if not (dist.is_available() and dist.is_initialized()):
+                    raise ValueError(
+                        "the torch backend with world_size > 1 needs comm_backend or an "
+                        "initialised torch.distributed process group"
+                    )
+                self._group = group if group is not None else dist.group.WORLD
+                if dist.get_world_size(self._group) != world_size:
+                    raise ValueError(
+                        f"world_size={world_size} does not match the process group's size "
+                        f"{dist.get_world_size(self._group)}"
+                    )
+            self._board = self._arrival_board()
         self._mark_ready()
+
+    def _arrival_board(self) -> _ArrivalBoard | None:
+        comm = self._comm if self._comm is not None else TorchDistBackend(self._group)
+        prefix = f"arfusion/{comm.bcast(uuid.uuid4().hex, 0)}"
+        if isinstance(comm, InProcessBackend):
+            store = comm.group.arrivals
+        elif isinstance(comm, TorchDistBackend):
+            from torch.distributed import distributed_c10d
+
+            store = distributed_c10d._get_default_store()
+        else:
+            return None
+        return _ArrivalBoard(store, prefix, self.rank, self.world_size)
 
     @classmethod
     def create(cls, req: Request) -> TorchAllReduceFusionWorkspace:
         return cls(req.world_size, req.rank, req.max_token_num, req.hidden_dim, req.dtype,
                    comm_backend=req.comm_backend, group=req.group)
 
+    def failed_ranks(self) -> list[int]:
+        return self._missing
+
+    def _allgather_object(self, obj: Any) -> list[Any]:
+        if self._comm is not None:
+            return list(self._comm.allgather(obj))
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+    def _agree(self, call: FusionCall) -> None:
+        """Exchange this call's signature (bounded); raise on a missing or mismatched
+        rank (module docstring)."""
+        self._seq += 1
+        mine = (self._seq, call.num_tokens, call.hidden_dim, str(call.input.dtype),
+                call.pattern)
+        if self._board is not None:
+            self._board.post(self._seq)
+        got: list[Any] = []
+        device = torch.cuda.current_device() if call.input.is_cuda else None
+
+        def exchange() -> None:
+            if device is not None:
+                torch.cuda.set_device(device)
+            got.extend(self._allgather_object(mine))
+
+        if not bounded(exchange, self.timeout_s):
+            behind = self._board.behind(self._seq) if self._board is not None else None
+            self._missing = behind or [r for r in range(self.world_size) if r != self.rank]
+            self.check()
+        if any(sig != mine for sig in got):
+            differ = [name for i, name in enumerate(SIGNATURE)
+                      if len({sig[i] for sig in got}) > 1]
+            detail = "; ".join(
+                f"{name}: " + ", ".join(f"rank {r} {sig[SIGNATURE.index(name)]}"
+                                       for r, sig in enumerate(got)) for name in differ)
+            raise RuntimeError(
+                f"rank {self.rank}: ranks issued mismatched allreduce_fusion calls "
+                f"({detail}); nothing was computed, the workspace is still usable once "
+                "every rank issues the same calls"
+            )
+
     def _gather(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.world_size == 1:
-            return [x]
         if self._comm is not None:
             if x.is_cuda and is_in_process(self._comm):
                 # Peers read this tensor on their own streams.
@@ -87,7 +189,11 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         return [p.view(x.dtype) for p in parts]
 
     def run(self, call: FusionCall) -> None:
-        inputs = [t.to(call.input.device) for t in self._gather(call.input)]
+        if self.world_size == 1:
+            inputs = [call.input]
+        else:
+            self._agree(call)
+            inputs = [t.to(call.input.device) for t in self._gather(call.input)]
         results = reference.epilogue(
             reference.allreduce_sum(inputs),
             call.input.dtype,

@@ -58,9 +58,10 @@ def residual_add(s, row, cols, cm, H, out_ptr, residual_in_ptr, residual_out_ptr
 
 @triton.jit
 def load_scale(scale_ptr, scale_value, SCALE_FROM_PTR: tl.constexpr):
-    """The quantisation scale: from a device tensor (CUDA-graph friendly) or a float."""
+    """The quantisation scale: element 0 of a device tensor of any floating dtype, as
+    fp32 (CUDA-graph friendly: read at run time), or a float."""
     if SCALE_FROM_PTR:
-        return tl.load(scale_ptr)
+        return tl.load(scale_ptr).to(tl.float32)
     return scale_value
 
 

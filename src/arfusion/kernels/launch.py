@@ -1,12 +1,26 @@
-"""From a validated call to a kernel launch: block sizes, grid, arguments.
+"""From a validated call to a kernel launch: which kernel, block sizes, grid, arguments.
 
-Host work per call is a handful of integer operations and one Triton launch; no
-allocation, no synchronisation.
+World size 1 runs `local.local_kernel` (no exchange); N > 1 the one-shot or
+two-shot Lamport kernel.
+
+Hot path: the first call of a (signature, strategy, pointer alignment) goes
+through Triton's JIT, which compiles the variant if needed and returns the
+compiled kernel; it is kept with its grid and constants. Later calls launch it
+directly through Triton's driver launcher with raw pointers: no argument
+specialisation, no allocation, no synchronisation. The key holds everything
+Triton specialises on (dtypes and shapes through the validation plan, the
+16-byte alignment of every pointer), so the direct path always runs the kernel
+the JIT would have picked.
+
+`Launcher.compile_only` compiles and loads the variant a call needs without
+launching it (ranks that share a GPU compile everything first: see
+arfusion.testing; `workspace.precompile` uses it too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -14,14 +28,16 @@ import triton
 from ..patterns import Quant
 from ..sizing import chunk_elements, round_up
 from ..validation import FusionCall
+from .local import local_kernel
 from .oneshot import oneshot_kernel
 from .protocol import CANONICAL_NAN_BITS, STATE_SIZE
 from .twoshot import twoshot_kernel
 
-__all__ = ["BITS", "STATE_SIZE", "Resources", "launch"]
+__all__ = ["BITS", "STATE_SIZE", "Launcher", "Resources"]
 
 MAX_BLOCK = 8192  # widest row chunk held in registers
 BITS = {2: torch.int16, 4: torch.int32}
+MAX_TIMEOUT_US = 2**31 - 1  # keeps the argument an i32 whatever the timeout
 
 
 @dataclass
@@ -39,51 +55,113 @@ class Resources:
     dummy: dict[torch.dtype, torch.Tensor]  # stand-ins for pointers a pattern never uses
 
 
-def launch(call: FusionCall, res: Resources, oneshot: bool, timeout_ns: int) -> None:
-    x = call.input
-    t, h = call.num_tokens, call.hidden_dim
-    n = t * h
-    traits = call.traits
-    block = max(64, min(triton.next_power_of_2(h), MAX_BLOCK))
-    # At least two elements per thread: no lane holds a replicated copy of another's.
-    num_warps = min(16, max(1, block // 256))
-    push_block = num_warps * 32 * (16 // x.element_size())
-    if oneshot:
-        kernel, stride = oneshot_kernel, round_up(n, 16)
-        pieces = triton.cdiv(n, push_block)
-    else:
-        kernel, stride = twoshot_kernel, chunk_elements(n, res.world_size)
-        pieces = triton.cdiv(stride, push_block)
-    grid = (min(res.max_programs, max(t, pieces)),)
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A compiled variant and what its launches share."""
 
-    quant = traits.quant
-    sf = call.scale_factor
-    scale_from_ptr = isinstance(sf, torch.Tensor)
-    if quant == Quant.NVFP4:
-        scale_out = call.scale_out.view(torch.uint8)
-    elif quant == Quant.DYNAMIC_FP8:
-        scale_out = call.scale_out
-    else:
-        scale_out = res.dummy[torch.uint8]
-    kernel[grid](
-        x.view(BITS[x.element_size()]), res.buf, res.deltas, res.state, res.err_addr,
-        call.output if call.output is not None else call.residual_out,
-        call.residual_in if traits.norm else x,
-        call.residual_out if traits.norm else x,
-        call.rms_gamma if traits.norm else x,
-        call.norm_out if traits.norm_out else x,
-        call.quant_out if quant != Quant.NONE else res.dummy[torch.uint8],
-        scale_out,
-        sf if scale_from_ptr else res.dummy[torch.float32],
-        float(sf) if sf is not None and not scale_from_ptr else 1.0,
-        call.rms_eps, call.weight_bias, t, h, res.rank, res.world_size, res.buf_stride,
-        stride, timeout_ns,
-        NORM=traits.norm, WRITE_OUTPUT=traits.norm and call.output is not None,
-        WRITE_NORM=traits.norm_out, QUANT=int(quant),
-        LAYOUT=call.layout_code if quant == Quant.NVFP4 else 0,
-        SCALE_FROM_PTR=scale_from_ptr, BLOCK=block, NUM_CHUNKS=triton.cdiv(h, block),
-        PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()],
-        USE_PDL=call.launch_with_pdl,
-        TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl,
-        num_warps=num_warps, launch_pdl=call.launch_with_pdl, enable_fp_fusion=False,
-    )
+    kernel: Any  # triton CompiledKernel
+    grid: int
+    stride: int  # one-shot slot / two-shot chunk elements (Lamport kernels)
+    consts: tuple  # the constexpr arguments, in signature order
+
+
+class Launcher:
+    """Launches validated calls for one rank (one per workspace)."""
+
+    def __init__(self, res: Resources):
+        self.res = res
+        self.compile_only = False
+        self._cache: dict[tuple, Prepared] = {}
+        self._static = [res.buf.data_ptr(), res.deltas.data_ptr(), res.state.data_ptr()]
+        self._device = res.buf.device.index
+        self._u8 = res.dummy[torch.uint8]
+        self._f32 = res.dummy[torch.float32]
+
+    def _tensors(self, call: FusionCall) -> list[torch.Tensor]:
+        """The pointer arguments every kernel takes after its own leading ones."""
+        x, traits = call.input, call.traits
+        sf = call.scale_factor
+        return [
+            call.output if call.output is not None else call.residual_out,
+            call.residual_in if traits.norm else x,
+            call.residual_out if traits.norm else x,
+            call.rms_gamma if traits.norm else x,
+            call.norm_out if traits.norm_out else x,
+            call.quant_out if call.quant_out is not None else self._u8,
+            call.scale_out if call.scale_out is not None else self._u8,
+            sf if isinstance(sf, torch.Tensor) else self._f32,
+        ]
+
+    def __call__(self, call: FusionCall, oneshot: bool, timeout_s: float) -> None:
+        tensors = self._tensors(call)
+        ptrs = [call.input.data_ptr(), *(t.data_ptr() for t in tensors)]
+        align = 0
+        for i, p in enumerate(ptrs):
+            align |= bool(p & 15) << i
+        key = (call.plan.key, oneshot, align)
+        prep = self._cache.get(key)
+        if prep is None or self.compile_only:
+            prep = self._first(call, oneshot, timeout_s, tensors)
+            if prep is not None:
+                self._cache[key] = prep
+            return
+        res, t, h = self.res, call.num_tokens, call.hidden_dim
+        sf = call.scale_factor
+        scalars = [1.0 if sf is None or isinstance(sf, torch.Tensor) else sf, call.rms_eps,
+                   call.weight_bias, t, h]
+        if res.world_size == 1:
+            args = [ptrs[0], *ptrs[1:], *scalars]
+        else:
+            args = [ptrs[0], *self._static, res.err_addr, *ptrs[1:], *scalars, res.rank,
+                    res.world_size, res.buf_stride, prep.stride,
+                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US)]
+        kernel = prep.kernel
+        stream = torch._C._cuda_getCurrentRawStream(self._device)
+        kernel.run(prep.grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None,
+                   None, None, *args, *prep.consts)
+
+    def _first(self, call: FusionCall, oneshot: bool, timeout_s: float,
+               tensors: list[torch.Tensor]) -> Prepared | None:
+        """Through Triton's JIT: compile (and load) the variant; launch it unless
+        `compile_only`. Returns what later launches reuse."""
+        res, x, traits = self.res, call.input, call.traits
+        t, h = call.num_tokens, call.hidden_dim
+        n = t * h
+        block = max(64, min(triton.next_power_of_2(h), MAX_BLOCK))
+        # At least two elements per thread: no lane holds a replicated copy of another's.
+        num_warps = min(16, max(1, block // 256))
+        sf = call.scale_factor
+        scalars = [1.0 if sf is None or isinstance(sf, torch.Tensor) else sf, call.rms_eps,
+                   call.weight_bias, t, h]
+        consts = dict(
+            NORM=traits.norm, WRITE_OUTPUT=call.plan.write_output, WRITE_NORM=traits.norm_out,
+            QUANT=int(traits.quant), LAYOUT=call.layout_code if traits.quant == Quant.NVFP4
+            else 0, SCALE_FROM_PTR=isinstance(sf, torch.Tensor), BLOCK=block,
+            NUM_CHUNKS=triton.cdiv(h, block))
+        if res.world_size == 1:
+            kernel, stride, grid = local_kernel, 0, t
+            args = [x, *tensors, *scalars]
+        else:
+            push_block = num_warps * 32 * (16 // x.element_size())
+            if oneshot:
+                kernel, stride = oneshot_kernel, round_up(n, 16)
+                pieces = triton.cdiv(n, push_block)
+            else:
+                kernel, stride = twoshot_kernel, chunk_elements(n, res.world_size)
+                pieces = triton.cdiv(stride, push_block)
+            grid = min(res.max_programs, max(t, pieces))
+            args = [x.view(BITS[x.element_size()]), res.buf, res.deltas, res.state,
+                    res.err_addr, *tensors, *scalars, res.rank, res.world_size,
+                    res.buf_stride, stride, min(int(timeout_s * 1e6), MAX_TIMEOUT_US)]
+            consts.update(PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()])
+        consts.update(USE_PDL=call.launch_with_pdl,
+                      TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl)
+        options = dict(num_warps=num_warps, launch_pdl=call.launch_with_pdl,
+                       enable_fp_fusion=False)
+        if self.compile_only:
+            compiled = kernel.warmup(*args, grid=(grid,), **consts, **options)
+            compiled._init_handles()  # load the module now, not during a later launch
+        else:
+            compiled = kernel[(grid,)](*args, **consts, **options)
+        return Prepared(compiled, grid, stride,
+                        tuple(consts[name] for name in kernel.arg_names if name in consts))

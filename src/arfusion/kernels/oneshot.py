@@ -45,17 +45,17 @@ def reduce_chunk(rot_ptr, slot_stride, row, cols, cm, H, world_size, deadline, s
 
 
 @triton.jit(do_not_specialize=["scale_value", "eps", "weight_bias", "T", "rank", "world_size",
-                               "timeout_ns"])
+                               "timeout_us"])
 def oneshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr,
                    residual_in_ptr, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr,
                    scale_out_ptr, scale_ptr, scale_value, eps, weight_bias, T, H, rank,
-                   world_size, buf_stride, slot_stride, timeout_ns,
+                   world_size, buf_stride, slot_stride, timeout_us,
                    NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr, WRITE_NORM: tl.constexpr,
                    QUANT: tl.constexpr, LAYOUT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
                    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PUSH_BLOCK: tl.constexpr,
                    CANON: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_AT_END: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
-    epoch, aborted, deadline = call_begin(state_ptr, timeout_ns)
+    epoch, aborted, deadline = call_begin(state_ptr, timeout_us)
     if aborted == 0:
         rot_off = (epoch % 3) * buf_stride
         n = T * H

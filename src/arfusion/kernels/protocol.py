@@ -116,11 +116,12 @@ def store_to_peers(bits, offs, mask, buf_ptr, deltas_ptr, world_size):
 
 
 @triton.jit
-def call_begin(state_ptr, timeout_ns):
-    """Read the call counter and abort flag; start the wait deadline."""
+def call_begin(state_ptr, timeout_us):
+    """Read the call counter and abort flag; start the wait deadline (the timeout
+    travels in microseconds, an i32 for any bound up to 35 minutes)."""
     epoch = tl.load(state_ptr + STATE_EPOCH)
     aborted = tl.load(state_ptr + STATE_ABORT)
-    deadline = globaltimer() + timeout_ns
+    deadline = globaltimer() + timeout_us.to(tl.int64) * 1000
     return epoch, aborted, deadline
 
 
@@ -128,7 +129,9 @@ def call_begin(state_ptr, timeout_ns):
 def clear_stale(buf_ptr, state_ptr, epoch, buf_stride, BLOCK: tl.constexpr):
     """Reset to the sentinel what the previous call used of its rotation (this rank's)."""
     prev = (epoch + 2) % 3
-    used = tl.load(state_ptr + STATE_USED + prev)
+    # Footprints are whole 16-element slots: the hint lets the masked stores be
+    # 16 bytes wide (a bound loaded at run time is otherwise of unknown alignment).
+    used = tl.multiple_of(tl.load(state_ptr + STATE_USED + prev), 16)
     base = buf_ptr + prev * buf_stride
     sentinel = tl.full([BLOCK], -1, dtype=buf_ptr.dtype.element_ty)
     for start in range(tl.program_id(0) * BLOCK, used, tl.num_programs(0) * BLOCK):

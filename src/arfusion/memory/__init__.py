@@ -14,19 +14,44 @@ peer's byte i at `peer_ptrs[p] + i` with ordinary loads and stores. No multicast
 | `torch_symm.TorchSymmBuffer` | a torch.distributed group, one GPU per rank |
 | `cumem.CuMemBuffer` | the `mnnvl` backend: CUDA virtual memory, FABRIC or POSIX fd handles |
 
-Creating and closing are collective. `close()` waits for the device and a
-barrier first, so no peer can still be reading or writing what is freed.
+Creating is collective. `close(timeout_s)` waits for this device, then for the
+peers at most `timeout_s` (a barrier on a helper thread): if all meet, nobody
+can still be reading or writing, and everything is freed. If a peer does not
+come (it died, or its process group is gone), `_abandon` frees only what is safe
+without it, per transport:
+
+- in_process: everything (peers hold references to our tensor: the memory lives
+  on until the last reference drops);
+- cuda_ipc: our mappings of the peers' buffers; our cudaMalloc'd buffer is kept
+  (a peer may still have it mapped);
+- cumem between processes: everything (the driver keeps physical memory alive
+  while any process maps it); between threads of one process: nothing (peers
+  write through our address range);
+- torch_symm: nothing.
+
+What is kept stays referenced in `ABANDONED` until the process exits.
 """
 
 from __future__ import annotations
 
 import abc
+import os
 import socket
 from typing import Any
 
 import torch
 
-from ..comm import CommBackend, InProcessGroup, TorchDistBackend, is_in_process
+from ..comm import (
+    CommBackend,
+    InProcessGroup,
+    MPIBackend,
+    TorchDistBackend,
+    bounded,
+    is_in_process,
+)
+
+# Buffers closed without meeting every peer: what was not safe to free stays here.
+ABANDONED: list[SymmetricBuffer] = []
 
 
 class SymmetricBuffer(abc.ABC):
@@ -40,17 +65,26 @@ class SymmetricBuffer(abc.ABC):
         self.peer_ptrs: list[int]
         self._closed = False
 
-    def close(self) -> None:
-        """Collective: wait for the device, meet every rank, then free."""
+    def close(self, timeout_s: float) -> bool:
+        """Wait for this device and, at most `timeout_s`, for every rank; then free.
+        Returns False if a peer did not come (then only what is safe was freed)."""
         if self._closed:
-            return
+            return True
         self._closed = True
-        torch.cuda.synchronize(self.device)
-        self.comm.barrier()
-        self._free()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if bounded(self.comm.barrier, timeout_s):
+            return self._free(timeout_s)
+        self._abandon()
+        return False
 
     @abc.abstractmethod
-    def _free(self) -> None: ...
+    def _free(self, timeout_s: float) -> bool:
+        """Free everything (all ranks are here); False if that turned out unsafe."""
+
+    def _abandon(self) -> None:
+        """Without the peers: keep everything alive until the process exits."""
+        ABANDONED.append(self)
 
 
 def check(result: object) -> object:
@@ -86,9 +120,12 @@ def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
     return comm.allgather(me).count(me)
 
 
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
 def default_comm(world_size: int, comm_backend: CommBackend | None, group: Any) -> CommBackend:
-    """The rendezvous to use: comm_backend, else the torch.distributed group, else (one
-    rank) a group of one."""
+    """The rendezvous to use: comm_backend, else the torch.distributed group, else MPI's
+    COMM_WORLD when running under an MPI launcher, else (one rank) a group of one."""
     if comm_backend is not None:
         return comm_backend
     import torch.distributed as dist
@@ -97,9 +134,11 @@ def default_comm(world_size: int, comm_backend: CommBackend | None, group: Any) 
         return TorchDistBackend(group)
     if world_size == 1:
         return InProcessGroup(1).backends()[0]
+    if any(v in os.environ for v in MPI_ENV):
+        return MPIBackend()
     raise ValueError(
-        f"world_size={world_size} needs comm_backend or an initialised torch.distributed "
-        "process group for the rendezvous"
+        f"world_size={world_size} needs comm_backend, an initialised torch.distributed "
+        "process group or an MPI launcher for the rendezvous"
     )
 
 

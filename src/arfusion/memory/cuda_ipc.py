@@ -2,15 +2,17 @@
 
 Works between processes on different GPUs of a node and between processes that
 share one GPU. Each rank opens every peer's handle once
-(`cudaIpcOpenMemHandle`); close unmaps the peers' buffers before freeing its own.
+(`cudaIpcOpenMemHandle`); close unmaps the peers' buffers, meets them again
+(bounded) so that every peer has unmapped ours, and only then frees its own. A
+peer that misses either meeting may still map our buffer: it is then kept.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..comm import CommBackend
-from . import SymmetricBuffer, check, wrap_pointer
+from ..comm import CommBackend, bounded
+from . import ABANDONED, SymmetricBuffer, check, wrap_pointer
 
 
 class CudaIpcBuffer(SymmetricBuffer):
@@ -37,13 +39,26 @@ class CudaIpcBuffer(SymmetricBuffer):
                 self._opened.append(ptr)
                 self.peer_ptrs.append(ptr)
 
-    def _free(self) -> None:
+    def _unmap_peers(self) -> None:
         from cuda.bindings import runtime as rt
 
         with torch.cuda.device(self.device):
             for ptr in self._opened:
                 check(rt.cudaIpcCloseMemHandle(ptr))
-            self._opened.clear()
-            self.comm.barrier()  # every peer has unmapped our buffer
-            del self.local
+        self._opened.clear()
+
+    def _free(self, timeout_s: float) -> bool:
+        from cuda.bindings import runtime as rt
+
+        self._unmap_peers()
+        if not bounded(self.comm.barrier, timeout_s):  # every peer unmapped our buffer?
+            ABANDONED.append(self)
+            return False
+        del self.local
+        with torch.cuda.device(self.device):
             check(rt.cudaFree(self._ptr))
+        return True
+
+    def _abandon(self) -> None:
+        self._unmap_peers()
+        ABANDONED.append(self)

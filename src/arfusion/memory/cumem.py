@@ -11,7 +11,10 @@ directly. Sizes are rounded up to the allocation granularity. No multicast
 object is ever created.
 
 Closing unmaps and frees every address range and releases every handle; the
-physical memory returns to the driver once the last rank has unmapped it.
+physical memory returns to the driver once the last rank has unmapped it, so a
+rank may close without its peers (they keep their own mappings). Ranks that are
+threads of one process write through each other's address ranges: those are kept
+unless every rank came to the close.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class CuMemBuffer(SymmetricBuffer):
             self._handle = check(drv.cuMemCreate(self.size, prop, 0))
             local = self._map(self._handle)
         self.local = wrap_pointer(local, nbytes, device)
+        self._in_process = in_process
         if in_process:
             self.peer_ptrs = list(comm.allgather(local))
             return
@@ -143,7 +147,13 @@ class CuMemBuffer(SymmetricBuffer):
         finally:
             check(drv.cuMemRelease(handle))  # the mapping keeps the memory alive
 
-    def _free(self) -> None:
+    def _abandon(self) -> None:
+        if self._in_process:
+            super()._abandon()
+        else:
+            self._free(0.0)
+
+    def _free(self, timeout_s: float) -> bool:
         drv = self._drv
         del self.local
         with torch.cuda.device(self.device):
@@ -152,6 +162,7 @@ class CuMemBuffer(SymmetricBuffer):
                 check(drv.cuMemAddressFree(ptr, self.size))
             self._mapped.clear()
             check(drv.cuMemRelease(self._handle))
+        return True
 
 
 def exchange_fds(comm: CommBackend, fd: int) -> list[int | None]:

@@ -1,8 +1,9 @@
 """Ranks that are threads of one process: buffers are plain tensors, pointers are shared directly.
 
 Each rank allocates its buffer with torch and the allgather passes the tensor
-objects themselves, so every rank holds a reference to every buffer until the
-collective close.
+objects themselves, so every rank holds a reference to every buffer: memory
+lives on until the last rank drops its reference, so closing never frees what a
+peer still uses, whether or not the peers come to the close.
 """
 
 from __future__ import annotations
@@ -20,5 +21,9 @@ class InProcessBuffer(SymmetricBuffer):
         self._all = comm.allgather(self.local)
         self.peer_ptrs = [t.data_ptr() for t in self._all]
 
-    def _free(self) -> None:
+    def _free(self, timeout_s: float) -> bool:
         del self._all, self.local
+        return True
+
+    def _abandon(self) -> None:
+        self._free(0.0)  # the peers' references keep the memory alive for them

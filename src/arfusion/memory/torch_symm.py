@@ -27,5 +27,6 @@ class TorchSymmBuffer(SymmetricBuffer):
         self._handle = symm_mem.rendezvous(self.local, group)
         self.peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
 
-    def _free(self) -> None:
+    def _free(self, timeout_s: float) -> bool:
         del self._handle, self.local
+        return True

@@ -1,0 +1,253 @@
+"""Replays of how real clients call `allreduce_fusion`, checked against arfusion.reference.
+
+Each scenario reproduces one client's argument conventions (written from their
+public behaviour, not copied):
+
+- vLLM's fusion pass (`call_trtllm_fused_allreduce_norm`): 3-D inputs viewed as
+  2-D; with a residual, norm_out=input and residual_out=residual_in (in place);
+  without one, a zero residual_in, residual_out=input and a separate norm_out;
+  quant patterns get norm_out too (unused), an fp8 quant_out shaped like the
+  3-D input, an int32 NVFP4 scale buffer viewed as fp8, layout SWIZZLED_128x4,
+  use_oneshot from vLLM's H100 size table (None on mnnvl), PDL on and
+  trigger_completion_at_end only for one-shot or more than 16 tokens;
+- vLLM's `FlashInferAllReduce.all_reduce`: kAllReduce into an allocated output;
+- FlashInfer's unified-API tests: every output passed for every pattern, byte
+  buffers of other dtypes for quant_out/scale_out, scale_factor tensors of
+  other dtypes, fp16 calls on a bf16 workspace.
+
+`run_scenarios(ws, rank, world, device, seed)` runs them all on one rank (every
+rank must call it) and returns a list of (label, CheckResult, digest).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arfusion import AllReduceFusionPattern as P
+from arfusion import allreduce_fusion, reference
+from arfusion.patterns import NVFP4_BLOCK, PATTERNS, Quant, sf_size
+from arfusion.testing import Case, check_outputs, digest
+
+VLLM_ONESHOT_MAX_MB = {2: 32, 4: 2, 8: 0.5}  # vLLM's table for compute capability 9.0
+VLLM_PDL_ADVANCE_TOKENS = 16
+MIB = 1 << 20
+
+
+def vllm_fused_allreduce_norm(ws, allreduce_in, residual, rms_gamma, pattern, norm_out=None,
+                              quant_out=None, scale_out=None, scale_factor=None,
+                              rms_eps=1e-6, weight_bias=0.0) -> None:
+    """vLLM's call: mutates allreduce_in, residual, norm_out, quant_out, scale_out."""
+    hidden = allreduce_in.shape[-1]
+    x, res = allreduce_in.view(-1, hidden), residual.view(-1, hidden)
+    if norm_out is not None:
+        norm_out = norm_out.view(-1, hidden)
+    size = x.numel() * x.element_size()
+    if ws.backend == "mnnvl":
+        use_oneshot = None
+    else:
+        limit = VLLM_ONESHOT_MAX_MB.get(ws.world_size)
+        use_oneshot = limit is None or size <= limit * MIB
+    if norm_out is None:
+        norm_out, residual_out = x, res
+    else:
+        residual_out = x
+    allreduce_fusion(
+        input=x, workspace=ws, pattern=pattern, launch_with_pdl=True, output=None,
+        residual_out=residual_out, norm_out=norm_out, quant_out=quant_out,
+        scale_out=scale_out, residual_in=res, rms_gamma=rms_gamma, rms_eps=rms_eps,
+        scale_factor=scale_factor,
+        layout_code=0 if ws.backend in ("trtllm", "mnnvl") else None,
+        use_oneshot=use_oneshot, fp32_acc=True, weight_bias=weight_bias,
+        trigger_completion_at_end=use_oneshot is True or x.shape[0] > VLLM_PDL_ADVANCE_TOKENS)
+
+
+def vllm_all_reduce(ws, x: torch.Tensor) -> torch.Tensor:
+    """vLLM's FlashInferAllReduce.all_reduce: kAllReduce into a fresh output."""
+    out = torch.empty_like(x)
+    ret = allreduce_fusion(input=x, workspace=ws, pattern=P.kAllReduce, launch_with_pdl=True,
+                           output=out, fp32_acc=True)
+    assert ret is out, "kAllReduce must return the output it was given"
+    return out
+
+
+def _standard(got: dict, case: Case) -> dict:
+    """Byte-buffer outputs read back in the reference's shapes and dtypes."""
+    t, h = case.num_tokens, case.hidden_dim
+    quant = PATTERNS[case.pattern].quant
+    out = dict(got)
+    q, s = got.get("quant_out"), got.get("scale_out")
+    flat = lambda b: b.reshape(-1).view(torch.uint8)  # noqa: E731
+    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+        out["quant_out"] = flat(q)[: t * h].view(torch.float8_e4m3fn).reshape(t, h)
+    if quant == Quant.DYNAMIC_FP8:
+        out["scale_out"] = flat(s)[: 4 * t].view(torch.float32).reshape(t, 1)
+    if quant == Quant.NVFP4:
+        out["quant_out"] = flat(q)[: t * h // 2].reshape(t, h // 2)
+        out["scale_out"] = flat(s)
+    return out
+
+
+def _check(label, got, ref, case, exact):
+    got = _standard(got, case)
+    return label, check_outputs(got, ref, case, exact=exact), digest(got)
+
+
+def _scale_tensor(value: float, dtype: torch.dtype, shape, device) -> tuple[torch.Tensor, float]:
+    """A scale_factor tensor and the fp32 value the kernels must use (element 0)."""
+    t = torch.full(shape, value, dtype=dtype, device=device)
+    return t, float(t.reshape(-1)[0].float())
+
+
+def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact):
+    """Every vLLM fused-pattern call style at one shape."""
+    results = []
+    for i, (pattern, with_residual, three_d) in enumerate([
+            (P.kARResidualRMSNorm, True, False), (P.kARResidualRMSNorm, False, True),
+            (P.kARResidualRMSNormFP8Quant, True, True),
+            (P.kARResidualRMSNormFP8Quant, False, False),
+            (P.kARResidualRMSNormFP4Quant, True, False),
+            (P.kARResidualRMSNormFP4Quant, False, True)]):
+        quant = PATTERNS[pattern].quant
+        if quant == Quant.NVFP4 and (dtype == torch.float32 or h % NVFP4_BLOCK):
+            continue
+        scale_value = {Quant.FP8: 0.07, Quant.NVFP4: 300.0}.get(quant, 1.0)
+        scale, used = _scale_tensor(scale_value, torch.float32, (1, 1), device)
+        case = Case(pattern, t, h, dtype, seed=seed * 31 + i, scale_factor=used,
+                    layout_code=0, weight_bias=float(i % 2))
+        inputs = [case.input(r, device) for r in range(world)]
+        kw = case.shared(device)
+        residual = kw["residual_in"].clone() if with_residual else \
+            torch.zeros(t, h, dtype=dtype, device=device)
+        ref = reference.reference_allreduce_fusion(
+            inputs, pattern, residual_in=residual.clone(), rms_gamma=kw["rms_gamma"],
+            scale_factor=used, layout_code=0, weight_bias=case.weight_bias)
+        x = inputs[rank].clone()
+        shape = (1, t, h) if three_d else (t, h)
+        x, residual = x.view(shape), residual.view(shape)
+        norm_out = None if with_residual else torch.full(shape, float("nan"), dtype=dtype,
+                                                         device=device)
+        quant_out = scale_out = None
+        if quant == Quant.FP8:
+            quant_out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
+        elif quant == Quant.NVFP4:
+            quant_out = torch.empty(t, h // 2, dtype=torch.uint8, device=device)
+            rows, cols = -(-t // 128) * 128, -(-(h // 16) // 4)
+            scale_out = torch.empty(rows, cols, dtype=torch.int32, device=device).view(
+                torch.float8_e4m3fn)
+        vllm_fused_allreduce_norm(ws, x, residual, kw["rms_gamma"], pattern, norm_out=norm_out,
+                                  quant_out=quant_out, scale_out=scale_out, scale_factor=scale,
+                                  weight_bias=case.weight_bias)
+        # With a residual the results land in place: residual <- h, input <- norm.
+        got = {"residual_out": (residual if with_residual else x).view(t, h)}
+        if quant == Quant.NONE:
+            got["norm_out"] = (x if with_residual else norm_out).view(t, h)
+        else:
+            got.update(quant_out=quant_out, scale_out=scale_out)
+            if with_residual and not torch.equal(x.view(t, h).view(torch.uint8),
+                                                 inputs[rank].view(torch.uint8)):
+                got["input_untouched"] = None  # reported below
+        label = (f"vllm {PATTERNS[pattern].name} {'fused-add' if with_residual else 'no-res'}"
+                 f"{' 3-D' if three_d else ''} {t}x{h} {dtype}")
+        res = _check(label, {k: v for k, v in got.items() if k != "input_untouched"}, ref,
+                     case, exact)
+        if "input_untouched" in got:
+            res[1].ok = False
+            res[1].problems.append("input was written although the pattern does not write "
+                                   "norm_out")
+        results.append(res)
+    case = Case(P.kAllReduce, t, h, dtype, seed=seed * 31 + 7)
+    inputs = [case.input(r, device) for r in range(world)]
+    out = vllm_all_reduce(ws, inputs[rank].clone())
+    results.append(_check(f"vllm FlashInferAllReduce.all_reduce {t}x{h} {dtype}",
+                          {"output": out}, reference.reference_allreduce_fusion(
+                              inputs, P.kAllReduce), case, exact))
+    return results
+
+
+def flashinfer_test_scenarios(ws, rank, world, device, seed, t, h, dtype, exact,
+                              call_dtype=None):
+    """FlashInfer's unified-API test style: every output passed for every pattern,
+    byte buffers of other dtypes, scale tensors of other dtypes; `call_dtype` runs the
+    calls in another dtype of the same element size (fp16 on a bf16 workspace)."""
+    dtype = call_dtype or dtype
+    results = []
+    scale_dtypes = [torch.bfloat16, torch.float64, torch.float16, torch.float32]
+    for i, pattern in enumerate(sorted(PATTERNS)):
+        quant = PATTERNS[pattern].quant
+        if quant == Quant.NVFP4 and (dtype == torch.float32 or h % NVFP4_BLOCK):
+            continue
+        sdt = scale_dtypes[i % len(scale_dtypes)]
+        scale_value = {Quant.FP8: 0.07, Quant.NVFP4: 300.0}.get(quant, 1.0)
+        scale, used = _scale_tensor(scale_value, sdt, (1,), device if i % 2 else "cpu")
+        layout = i % 3
+        case = Case(pattern, t, h, dtype, seed=seed * 37 + i, scale_factor=used,
+                    layout_code=layout)
+        inputs = [case.input(r, device) for r in range(world)]
+        kw = case.shared(device)
+        ref = reference.reference_allreduce_fusion(
+            inputs, pattern, residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"],
+            scale_factor=used, layout_code=layout) if PATTERNS[pattern].norm else \
+            reference.reference_allreduce_fusion(inputs, pattern)
+        nan = lambda shape, dt=dtype: torch.full(shape, float("nan"), dtype=dt,  # noqa: E731
+                                                 device=device)
+        outs = {"output": nan((t, h)), "residual_out": nan((t, h)), "norm_out": nan((t, h)),
+                # byte buffers: FlashInfer allocates these as raw bytes of its own shapes
+                "quant_out": torch.full((t, h), 0xFF, dtype=torch.uint8, device=device),
+                "scale_out": torch.full((sf_size(t, max(1, h // 16), 0) + 4 * t,), -1,
+                                        dtype=torch.int32, device=device)}
+        ret = allreduce_fusion(
+            input=inputs[rank].clone(), workspace=ws, pattern=pattern, launch_with_pdl=False,
+            **outs, residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"],
+            rms_eps=1e-6, scale_factor=scale, layout_code=layout, use_oneshot=None,
+            fp32_acc=False)
+        if ret is not outs["norm_out"]:
+            raise AssertionError("a passed norm_out must be returned")
+        traits = PATTERNS[pattern]
+        got = {"output": outs["output"]}
+        if traits.norm:
+            got["residual_out"] = outs["residual_out"]
+        if traits.norm_out:
+            got["norm_out"] = outs["norm_out"]
+        if quant != Quant.NONE:
+            got["quant_out"] = outs["quant_out"]
+        if quant in (Quant.NVFP4, Quant.DYNAMIC_FP8):
+            got["scale_out"] = outs["scale_out"]
+        label = f"flashinfer-style {traits.name} {t}x{h} {dtype} scale {sdt}"
+        res = _check(label, got, ref, case, exact)
+        untouched = [name for name in ("norm_out", "scale_out") if name not in got and
+                     not _all_poison(outs[name])]
+        if untouched:
+            res[1].ok = False
+            res[1].problems.append(f"{untouched} written although the pattern does not")
+        results.append(res)
+    return results
+
+
+def _all_poison(t: torch.Tensor) -> bool:
+    if t.dtype == torch.int32:
+        return bool((t == -1).all())
+    return bool(t.isnan().all())
+
+
+SHAPES = [(1, 256), (5, 1024), (33, 112)]
+
+
+def run_scenarios(ws, rank: int, world: int, device, seed: int, exact: bool,
+                  sync=lambda: None, barrier=lambda: None) -> list:
+    """Every scenario at every shape on this rank (every rank calls it)."""
+    results = []
+    for t, h in SHAPES:
+        for fn, kwargs in ((vllm_scenarios, {}), (flashinfer_test_scenarios, {}),
+                           (flashinfer_test_scenarios, {"call_dtype": _other_16bit(ws.dtype)})):
+            if fn is flashinfer_test_scenarios and "call_dtype" in kwargs and \
+                    kwargs["call_dtype"] is None:
+                continue
+            barrier()
+            part = fn(ws, rank, world, device, seed, t, h, ws.dtype, exact, **kwargs)
+            sync()
+            results += part
+    return results
+
+
+def _other_16bit(dtype: torch.dtype) -> torch.dtype | None:
+    return {torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}.get(dtype)

@@ -1,0 +1,171 @@
+"""Drop-in behaviour on the CPU torch backend: real clients' call sequences (tests/clients.py)
+over gloo at 2 and 3 ranks, bit-exact against arfusion.reference and equal across ranks;
+mismatched calls named on every rank; bounded waits; destroy() with a peer gone; the
+module paths clients import from."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from arfusion import AllReduceFusionPattern as P
+from arfusion import allreduce_fusion, create_allreduce_fusion_workspace
+from arfusion.memory import ABANDONED, SymmetricBuffer
+from arfusion.testing import run_processes, run_ranks
+
+from . import clients
+
+
+def _client_rank(rank: int, world: int) -> list:
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        with create_allreduce_fusion_workspace("torch", world_size=world, rank=rank,
+                                               max_token_num=64, hidden_dim=1024,
+                                               dtype=dtype) as ws:
+            out += [(label, chk.ok, chk.problems, dig) for label, chk, dig in
+                    clients.run_scenarios(ws, rank, world, "cpu", seed=world, exact=True)]
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_client_call_sequences_over_gloo(world):
+    by_rank = run_processes(world, _client_rank, timeout_s=600)
+    assert len(by_rank[0]) > 40
+    for i, (label, _, _, dig) in enumerate(by_rank[0]):
+        for rank, results in enumerate(by_rank):
+            assert results[i][1], f"rank {rank} {label}: {results[i][2]}"
+            assert results[i][3] == dig, f"{label}: rank {rank} got other bits"
+
+
+def _mismatch_rank(rank: int, world: int) -> list[str]:
+    """Rank 0 and 1 disagree on tokens, then on hidden size, then on pattern; then all
+    agree again (the workspace stays usable)."""
+    errors = []
+    with create_allreduce_fusion_workspace("torch", world_size=world, rank=rank,
+                                           max_token_num=8, hidden_dim=64,
+                                           dtype=torch.bfloat16) as ws:
+        ws.timeout_s = 20.0
+        shapes = [((4 + rank, 32), P.kAllReduce), ((4, 32 + 16 * rank), P.kAllReduce),
+                  ((4, 32), P.kAllReduce if rank else P.kARResidualRMSNorm)]
+        for (t, h), pattern in shapes:
+            kw = {} if pattern == P.kAllReduce else dict(
+                residual_in=torch.zeros(t, h, dtype=torch.bfloat16),
+                rms_gamma=torch.ones(h, dtype=torch.bfloat16))
+            try:
+                allreduce_fusion(torch.ones(t, h, dtype=torch.bfloat16), ws, pattern, **kw)
+                errors.append("no error")
+            except RuntimeError as e:
+                errors.append(str(e))
+        out = allreduce_fusion(torch.ones(2, 16, dtype=torch.bfloat16), ws, P.kAllReduce)
+        errors.append(f"sum {out[0, 0].item()}")
+    return errors
+
+
+def test_mismatched_calls_are_named_on_every_rank():
+    for rank, errs in enumerate(run_processes(2, _mismatch_rank, timeout_s=300)):
+        assert "num_tokens: rank 0 4, rank 1 5" in errs[0], (rank, errs[0])
+        assert "hidden_dim: rank 0 32, rank 1 48" in errs[1], (rank, errs[1])
+        assert "pattern: rank 0 1, rank 1 0" in errs[2], (rank, errs[2])
+        assert all("mismatched" in e and f"rank {rank}:" in e for e in errs[:3])
+        assert errs[3] == "sum 2.0"
+
+
+def _missing_rank(rank: int, world: int) -> tuple:
+    with create_allreduce_fusion_workspace("torch", world_size=world, rank=rank,
+                                           max_token_num=4, hidden_dim=16,
+                                           dtype=torch.float32) as ws:
+        ws.timeout_s = 2.0
+        x = torch.ones(4, 16)
+        allreduce_fusion(x, ws, P.kAllReduce)  # all ranks meet once
+        if rank == 1:
+            time.sleep(6)  # comes to the next call long after the others gave up
+            with pytest.raises(RuntimeError, match="did not arrive"):
+                allreduce_fusion(x, ws, P.kAllReduce)
+            return ("late",)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"ranks \[1\] did not arrive within 2 s"):
+            allreduce_fusion(x, ws, P.kAllReduce)
+        elapsed = time.monotonic() - start
+        with pytest.raises(RuntimeError, match=r"ranks \[1\]"):
+            ws.check()
+        return ("raised", elapsed)
+
+
+def test_torch_backend_wait_is_bounded_and_names_the_missing_rank():
+    results = run_processes(3, _missing_rank, timeout_s=120)
+    for rank in (0, 2):
+        kind, elapsed = results[rank]
+        assert kind == "raised" and 1.5 < elapsed < 10.0
+
+
+class _Buffer(SymmetricBuffer):
+    def __init__(self, comm):
+        super().__init__(comm, 16, torch.device("cpu"))
+        self.freed = False
+
+    def _free(self, timeout_s: float) -> bool:
+        self.freed = True
+        return True
+
+
+def test_buffer_close_without_a_peer_returns_within_the_bound_and_frees_nothing():
+    from arfusion.comm import InProcessGroup
+
+    comms = InProcessGroup(2).backends()
+    both = [_Buffer(c) for c in comms]
+    start = time.monotonic()
+    assert both[0].close(0.5) is False  # rank 1 never comes
+    assert time.monotonic() - start < 2.0
+    assert not both[0].freed and both[0] in ABANDONED
+    ABANDONED.remove(both[0])
+    comms[0].group.abort()
+
+
+def test_in_process_ranks_mismatch_and_destroy_bound():
+    def rank_fn(ctx):
+        ws = create_allreduce_fusion_workspace("torch", world_size=2, rank=ctx.rank,
+                                               max_token_num=8, hidden_dim=16,
+                                               dtype=torch.float16, comm_backend=ctx.comm)
+        try:
+            allreduce_fusion(torch.ones(1 + ctx.rank, 16, dtype=torch.float16), ws, 0)
+        except RuntimeError as e:
+            msg = str(e)
+        ws.destroy()
+        return msg
+
+    for msg in run_ranks(2, rank_fn):
+        assert "num_tokens: rank 0 1, rank 1 2" in msg
+
+
+def test_client_module_paths():
+    from arfusion.mnnvl import (
+        CommBackend,
+        MNNVLAllreduceFusionStrategy,
+        MPIBackend,
+        TorchDistBackend,
+        is_mnnvl_fabric_supported,
+    )
+
+    assert {s.name: s.value for s in MNNVLAllreduceFusionStrategy} == \
+        {"ONESHOT": 0, "TWOSHOT": 1, "AUTO": 99}
+    assert is_mnnvl_fabric_supported() in (False, True)
+    assert CommBackend and MPIBackend and TorchDistBackend
+
+
+def test_numpy_pattern_none_defaults_and_moe_none_are_accepted():
+    import numpy as np
+
+    with create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=4,
+                                           hidden_dim=16, dtype=torch.bfloat16) as ws:
+        x = torch.randn(4, 16).to(torch.bfloat16)
+        res, gamma = torch.randn(4, 16).to(torch.bfloat16), torch.ones(16, dtype=torch.bfloat16)
+        got = allreduce_fusion(x, ws, np.int64(1), launch_with_pdl=1, residual_in=res,
+                               rms_gamma=gamma, rms_eps=None, weight_bias=None,
+                               moe_reduction_device_num_experts=None, expert_scale_factor=None,
+                               block_quant_group_size=None, use_oneshot=np.bool_(False))
+        want = allreduce_fusion(x, ws, 1, residual_in=res, rms_gamma=gamma)
+        assert torch.equal(got, want)
+        assert ws.is_buffer_size_sufficient(1, 4, 16, torch.float16)
+        assert not ws.is_buffer_size_sufficient(1, 4, 16, torch.float32)
