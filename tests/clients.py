@@ -15,11 +15,15 @@ public behaviour, not copied):
   buffers of other dtypes for quant_out/scale_out, scale_factor tensors of
   other dtypes, fp16 calls on a bf16 workspace.
 
-`run_scenarios(ws, rank, world, device, seed)` runs them all on one rank (every
-rank must call it) and returns a list of (label, CheckResult, digest).
+`run_scenarios(ws, rank, world, device, seed, exact, meet)` runs them all on one
+rank (every rank must call it) and returns a list of (label, CheckResult, digest).
+Every call goes through `meet(fn)`: ranks that are threads on one GPU meet at a
+barrier before it and synchronise after it (see arfusion.testing).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -98,7 +102,11 @@ def _scale_tensor(value: float, dtype: torch.dtype, shape, device) -> tuple[torc
     return t, float(t.reshape(-1)[0].float())
 
 
-def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact):
+def _direct(fn):
+    return fn()
+
+
+def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact, meet=_direct):
     """Every vLLM fused-pattern call style at one shape."""
     results = []
     for i, (pattern, with_residual, three_d) in enumerate([
@@ -134,9 +142,10 @@ def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact):
             rows, cols = -(-t // 128) * 128, -(-(h // 16) // 4)
             scale_out = torch.empty(rows, cols, dtype=torch.int32, device=device).view(
                 torch.float8_e4m3fn)
-        vllm_fused_allreduce_norm(ws, x, residual, kw["rms_gamma"], pattern, norm_out=norm_out,
-                                  quant_out=quant_out, scale_out=scale_out, scale_factor=scale,
-                                  weight_bias=case.weight_bias)
+        meet(functools.partial(
+            vllm_fused_allreduce_norm, ws, x, residual, kw["rms_gamma"], pattern,
+            norm_out=norm_out, quant_out=quant_out, scale_out=scale_out, scale_factor=scale,
+            weight_bias=case.weight_bias))
         # With a residual the results land in place: residual <- h, input <- norm.
         got = {"residual_out": (residual if with_residual else x).view(t, h)}
         if quant == Quant.NONE:
@@ -157,7 +166,8 @@ def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact):
         results.append(res)
     case = Case(P.kAllReduce, t, h, dtype, seed=seed * 31 + 7)
     inputs = [case.input(r, device) for r in range(world)]
-    out = vllm_all_reduce(ws, inputs[rank].clone())
+    x = inputs[rank].clone()
+    out = meet(functools.partial(vllm_all_reduce, ws, x))
     results.append(_check(f"vllm FlashInferAllReduce.all_reduce {t}x{h} {dtype}",
                           {"output": out}, reference.reference_allreduce_fusion(
                               inputs, P.kAllReduce), case, exact))
@@ -165,7 +175,7 @@ def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact):
 
 
 def flashinfer_test_scenarios(ws, rank, world, device, seed, t, h, dtype, exact,
-                              call_dtype=None):
+                              meet=_direct, call_dtype=None):
     """FlashInfer's unified-API test style: every output passed for every pattern,
     byte buffers of other dtypes, scale tensors of other dtypes; `call_dtype` runs the
     calls in another dtype of the same element size (fp16 on a bf16 workspace)."""
@@ -195,11 +205,11 @@ def flashinfer_test_scenarios(ws, rank, world, device, seed, t, h, dtype, exact,
                 "quant_out": torch.full((t, h), 0xFF, dtype=torch.uint8, device=device),
                 "scale_out": torch.full((sf_size(t, max(1, h // 16), 0) + 4 * t,), -1,
                                         dtype=torch.int32, device=device)}
-        ret = allreduce_fusion(
-            input=inputs[rank].clone(), workspace=ws, pattern=pattern, launch_with_pdl=False,
-            **outs, residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"],
-            rms_eps=1e-6, scale_factor=scale, layout_code=layout, use_oneshot=None,
-            fp32_acc=False)
+        x = inputs[rank].clone()
+        ret = meet(functools.partial(
+            allreduce_fusion, input=x, workspace=ws, pattern=pattern, launch_with_pdl=False,
+            **outs, residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"], rms_eps=1e-6,
+            scale_factor=scale, layout_code=layout, use_oneshot=None, fp32_acc=False))
         if ret is not outs["norm_out"]:
             raise AssertionError("a passed norm_out must be returned")
         traits = PATTERNS[pattern]
@@ -233,19 +243,17 @@ SHAPES = [(1, 256), (5, 1024), (33, 112)]
 
 
 def run_scenarios(ws, rank: int, world: int, device, seed: int, exact: bool,
-                  sync=lambda: None, barrier=lambda: None) -> list:
+                  meet=_direct) -> list:
     """Every scenario at every shape on this rank (every rank calls it)."""
     results = []
+    other = _other_16bit(ws.dtype)
     for t, h in SHAPES:
-        for fn, kwargs in ((vllm_scenarios, {}), (flashinfer_test_scenarios, {}),
-                           (flashinfer_test_scenarios, {"call_dtype": _other_16bit(ws.dtype)})):
-            if fn is flashinfer_test_scenarios and "call_dtype" in kwargs and \
-                    kwargs["call_dtype"] is None:
-                continue
-            barrier()
-            part = fn(ws, rank, world, device, seed, t, h, ws.dtype, exact, **kwargs)
-            sync()
-            results += part
+        results += vllm_scenarios(ws, rank, world, device, seed, t, h, ws.dtype, exact, meet)
+        results += flashinfer_test_scenarios(ws, rank, world, device, seed, t, h, ws.dtype,
+                                             exact, meet)
+        if other is not None:
+            results += flashinfer_test_scenarios(ws, rank, world, device, seed, t, h,
+                                                 ws.dtype, exact, meet, call_dtype=other)
     return results
 
 

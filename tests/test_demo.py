@@ -20,3 +20,29 @@ def test_demo_fails_loudly_on_a_bad_pattern():
     proc = subprocess.run([sys.executable, "-m", "arfusion", "demo", "--patterns", "7"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not a supported pattern" in proc.stderr
+
+
+def _demo(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arfusion", "demo", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_demo_rejects_bad_flags_with_one_line_and_exit_2():
+    for argv, flag in [(("--dtype", "float16x"), "--dtype"), (("--world-size", "-1"),
+                       "--world-size"), (("--world-size", "0"), "--world-size"),
+                       (("--tokens", "0"), "--tokens"), (("--hidden", "0"), "--hidden"),
+                       (("--patterns", "3", "--dtype", "fp32"), "select nothing")]:
+        proc = _demo(*argv)
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "error:" in last and flag in last and "Traceback" not in proc.stderr, argv
+
+
+def test_version_and_legend():
+    proc = subprocess.run([sys.executable, "-m", "arfusion", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("arfusion ")
+    run = _demo("--patterns", "1", "--dtype", "bf16", "--tokens", "3", "--hidden", "32")
+    assert run.returncode == 0, run.stderr
+    assert "bfloat16: 1 calls checked on 2 ranks" in run.stdout
+    assert "ulp        largest norm_out distance" in run.stdout

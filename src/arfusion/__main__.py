@@ -7,9 +7,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__, bench, demo
+
     parser = argparse.ArgumentParser(prog="python -m arfusion", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"arfusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import bench, demo
 
     demo.add_arguments(sub.add_parser(
         "demo", help="run every pattern on N local ranks and check it against the reference"))

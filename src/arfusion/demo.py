@@ -23,7 +23,14 @@ import torch
 from . import testing
 from .api import allreduce_fusion, create_allreduce_fusion_workspace
 from .patterns import PATTERNS, Quant
-from .testing import Case, case_kwargs, case_outputs, pattern_supports, run_case
+from .testing import (
+    Case,
+    case_kwargs,
+    case_outputs,
+    pattern_supports,
+    precompile_cases,
+    run_case,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCALE = {Quant.FP8: 0.05, Quant.NVFP4: 400.0}
@@ -46,6 +53,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream().synchronize()
 
 
+def _cases(cfg: DemoConfig, dtype: torch.dtype) -> list[tuple[Case, dict]]:
+    """Every supported (pattern, tokens, hidden, strategy) of `cfg` for `dtype`, with
+    the run_case arguments it is checked with."""
+    strategies = [None] if cfg.backend == "torch" else [True, False]
+    cases = []
+    for i, (pattern, t, h, oneshot) in enumerate(
+            (p, t, h, s) for p in cfg.patterns for t in cfg.tokens for h in cfg.hidden
+            for s in strategies):
+        if pattern_supports(pattern, h, dtype):
+            quant = PATTERNS[pattern].quant
+            case = Case(pattern, t, h, dtype, seed=cfg.seed * 7919 + i, layout_code=i % 3,
+                        scale_factor=SCALE.get(quant, 1.0), weight_bias=1.0 if i % 2 else 0.0)
+            cases.append((case, dict(with_output=i % 2 == 0, use_oneshot=oneshot)))
+    return cases
+
+
 def run_rank(rank: int, world_size: int, cfg: DemoConfig, comm=None,
              device: torch.device | None = None) -> list[dict]:
     """One rank's part of the demo; returns a row per case."""
@@ -53,49 +76,58 @@ def run_rank(rank: int, world_size: int, cfg: DemoConfig, comm=None,
         device = torch.device("cuda", torch.cuda.current_device()) if cfg.mode != \
             "processes-gloo" else torch.device("cpu")
     rows = []
-    strategies = [None] if cfg.backend == "torch" else [True, False]
     barrier = comm if cfg.mode == "threads" else None  # see arfusion.testing
+    start = time.perf_counter()
     for dtype in cfg.dtypes:
+        cases = _cases(cfg, dtype)
         ws = create_allreduce_fusion_workspace(
             cfg.backend, world_size=world_size, rank=rank, max_token_num=max(cfg.tokens),
             hidden_dim=max(cfg.hidden), dtype=dtype, comm_backend=comm)
         with ws:
-            for i, (pattern, t, h, oneshot) in enumerate(
-                    (p, t, h, s) for p in cfg.patterns for t in cfg.tokens for h in cfg.hidden
-                    for s in strategies):
-                if not pattern_supports(pattern, h, dtype):
-                    continue
-                quant = PATTERNS[pattern].quant
-                case = Case(pattern, t, h, dtype, seed=cfg.seed * 7919 + i,
-                            layout_code=i % 3, scale_factor=SCALE.get(quant, 1.0),
-                            weight_bias=1.0 if i % 2 else 0.0)
+            if barrier is not None:
+                precompile_cases(ws, cases, rank, device, barrier)
+            for case, kw in cases:
                 result = run_case(ws, case, rank, world_size, device,
-                                  exact=cfg.backend == "torch", with_output=i % 2 == 0,
-                                  comm=barrier, use_oneshot=oneshot)
+                                  exact=cfg.backend == "torch", comm=barrier, **kw)
                 # Time a few more identical calls (the first one above compiled and checked).
-                x, out = case.input(rank, device), case_outputs(case, device)
+                x, out = case.input(rank, device), case_outputs(case, device, kw["with_output"])
                 kwargs = case_kwargs(case, device)
                 _sync(device)
                 if barrier is not None:
                     barrier.barrier()
-                start = time.perf_counter()
+                begin = time.perf_counter()
                 for _ in range(3):
-                    allreduce_fusion(x, ws, pattern, use_oneshot=oneshot, **out, **kwargs)
+                    allreduce_fusion(x, ws, case.pattern, use_oneshot=kw["use_oneshot"], **out,
+                                     **kwargs)
                 _sync(device)
                 chk = result.check
                 rows.append({
-                    "pattern": PATTERNS[pattern].name, "shape": f"{t}x{h}",
+                    "pattern": PATTERNS[case.pattern].name,
+                    "shape": f"{case.num_tokens}x{case.hidden_dim}",
                     "dtype": str(dtype).removeprefix("torch."),
-                    "strategy": {None: "-", True: "oneshot", False: "twoshot"}[oneshot],
+                    "strategy": {None: "-", True: "oneshot", False: "twoshot"}[kw["use_oneshot"]],
                     "err": chk.max_abs_err, "ulp": chk.max_ulp, "boundary": chk.boundary,
                     "ok": chk.ok, "problems": chk.problems,
-                    "us": (time.perf_counter() - start) / 3 * 1e6, "digest": result.digest,
+                    "us": (time.perf_counter() - begin) / 3 * 1e6, "digest": result.digest,
                 })
+        if rank == 0:
+            print(f"  {str(dtype).removeprefix('torch.')}: {len(cases)} calls checked on "
+                  f"{world_size} ranks ({time.perf_counter() - start:.1f} s so far)", flush=True)
     return rows
 
 
 def _rank_in_thread(ctx: testing.RankContext, cfg: DemoConfig) -> list[dict]:
     return run_rank(ctx.rank, ctx.world_size, cfg, comm=ctx.comm, device=ctx.device)
+
+
+LEGEND = """\
+  max|err|   largest |difference| from arfusion.reference in the returned tensor
+  ulp        largest norm_out distance from the reference, in units in the last place
+             (up to 1 allowed for fp16/bf16, 32 for fp32: row sums round differently)
+  bnd        quantised bytes that differ from the reference because the normalised
+             value sits on a rounding boundary (allowed, counted)
+  ranks      equal: every rank got bit-identical outputs
+  time/call  wall time of an eager call on rank 0, host overhead included"""
 
 
 def _print_table(rows_by_rank: list[list[dict]], cfg: DemoConfig) -> bool:
@@ -118,26 +150,61 @@ def _print_table(rows_by_rank: list[list[dict]], cfg: DemoConfig) -> bool:
     widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *lines]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(LEGEND)
     passed = sum(1 for line in lines if line[8] == "pass")
     print(f"\n{passed} passed, {sum(1 for line in lines if line[8] == 'FAIL')} failed "
           f"({cfg.world_size} ranks, backend {cfg.backend}, {cfg.mode})")
     return all_ok
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _positive_list(text: str) -> list[int]:
+    values = [_positive(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(text)
+    return values
+
+
+def _pattern_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PATTERNS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(
+            f"{bad or text!r} is not a supported pattern {sorted(PATTERNS)}")
+    return values
+
+
+def _dtype_list(text: str) -> list[torch.dtype]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(bad) or repr(text)}: choose from {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in names]
+
+
+_positive.__name__ = "positive integer"
+_positive_list.__name__ = "comma-separated positive integers"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=_positive, default=None,
                    help="ranks to launch (default: 2 without a GPU, else max(2, GPUs))")
     p.add_argument("--backend", default="auto", choices=["auto", "trtllm", "mnnvl", "torch"])
-    p.add_argument("--tokens", type=_int_list, default=[1, 37], help="e.g. 1,37,300")
-    p.add_argument("--hidden", type=_int_list, default=[128, 4096], help="e.g. 16,2880")
-    p.add_argument("--dtype", default="bf16,fp16,fp32", help="of bf16, fp16, fp32")
-    p.add_argument("--patterns", type=_int_list, default=sorted(PATTERNS),
+    p.add_argument("--tokens", type=_positive_list, default=[1, 37], help="e.g. 1,37,300")
+    p.add_argument("--hidden", type=_positive_list, default=[128, 4096], help="e.g. 16,2880")
+    p.add_argument("--dtype", type=_dtype_list, default=list(DTYPES.values()),
+                   help="of bf16, fp16, fp32 (default all)")
+    p.add_argument("--patterns", type=_pattern_list, default=sorted(PATTERNS),
                    help="pattern codes, default all supported")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(parser=p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -153,16 +220,17 @@ def main(args: argparse.Namespace) -> int:
     if backend == "auto" and not gpus:
         backend = "torch"
         print("no GPU: using the torch backend over gloo")
-    for p in args.patterns:
-        if p not in PATTERNS:
-            raise SystemExit(f"--patterns: {p} is not a supported pattern {sorted(PATTERNS)}")
-    cfg = DemoConfig(world, backend, args.tokens, args.hidden,
-                     [DTYPES[d] for d in args.dtype.split(",")], args.patterns, args.seed, mode)
+    cfg = DemoConfig(world, backend, args.tokens, args.hidden, args.dtype, args.patterns,
+                     args.seed, mode)
+    if not any(_cases(cfg, dtype) for dtype in cfg.dtypes):
+        args.parser.error(
+            "--patterns, --hidden and --dtype select nothing to run (NVFP4 patterns need "
+            "bf16 or fp16 and a hidden size divisible by 16)")
+    print(f"checking {len(cfg.patterns)} patterns x {len(cfg.dtypes)} dtypes on {world} ranks",
+          flush=True)
     if mode == "threads":
         print(f"one GPU: {world} ranks as threads of one process on "
-              f"{torch.cuda.get_device_name(0)} (emulation, no NVLink)")
-        # Compile every kernel variant on one rank first (see arfusion.testing).
-        testing.run_ranks(1, _rank_in_thread, cfg, device="cuda:0")
+              f"{torch.cuda.get_device_name(0)} (emulation, no NVLink)", flush=True)
         rows = testing.run_ranks(world, _rank_in_thread, cfg, device="cuda:0")
     else:
         rows = testing.run_processes(world, run_rank, cfg,

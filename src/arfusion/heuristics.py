@@ -1,15 +1,18 @@
-"""Strategy and backend choice by size: small tables, measured, not guessed.
+"""Strategy and backend choice by size: small tables, with where each number comes from.
 
 `ONESHOT_MAX_BYTES[world_size]` is the largest per-rank input (bytes) for which
 `use_oneshot=None` picks one-shot; above it two-shot moves fewer bytes per rank
 (one-shot sends N-1 copies of the whole input, two-shot about two).
 
-The values for 2 to 16 ranks are placeholders, not measurements: only one-GPU
-machines have been available, and there the emulated ranks' timings at small sizes
-are dominated by launch skew (docs/benchmarks.md, H100, 2026-11-25), so no
-threshold could be derived. `python -m arfusion bench --tune` on an NVLink machine
-rewrites this table (and stamps it with the card and date). World size 1 always
-picks one-shot: it measured faster at every size on the H100 (world-1 table).
+Until NVLink measurements of arfusion's own kernels exist, the table starts from
+vLLM's published H100 (compute capability 9.0) one-shot thresholds for
+FlashInfer's Lamport all-reduce fusion, the same protocol family: 32 MB per rank
+at 2 ranks, 2 MB at 4, 0.5 MB at 8 (vLLM's `_FI_ALLREDUCE_ONE_SHOT_MAX_SIZES_MB`).
+3 ranks take 4's value and 16 take 8's: no published figure. Only one-GPU
+machines have been available to arfusion so far, where emulated ranks cannot
+show NVLink's crossover; `python -m arfusion bench --tune` on an NVLink machine
+rewrites this table (and stamps it with the card and date). World size 1 runs
+the local kernel whatever the strategy.
 
 `prefer_backend`: trtllm and mnnvl run the same kernels and measured within noise
 of each other at world size 1 and in emulation, so within a node the choice is
@@ -21,12 +24,12 @@ from __future__ import annotations
 import torch
 
 ONESHOT_MAX_BYTES: dict[int, int] = {
-    1: 1 << 62,  # no peers: one-shot is a local copy at any size
-    2: 1 << 20,
-    3: 768 << 10,
-    4: 512 << 10,
-    8: 256 << 10,
-    16: 128 << 10,
+    1: 1 << 62,
+    2: 32 << 20,
+    3: 2 << 20,
+    4: 2 << 20,
+    8: 512 << 10,
+    16: 512 << 10,
 }
 
 

@@ -18,8 +18,9 @@ everything, meet at a barrier, launch, synchronise the rank's own stream, and
 only then allocate, memset or compile anything. A device allocation, memset or
 module load issued while a rank's kernel waits for a peer serialises the GPU
 (CUDA's implicit synchronisation), so the peer's kernel cannot start and both
-wait until the timeout. Compile every kernel variant first (one rank alone)
-for the same reason. Separate processes on separate GPUs need none of this.
+wait until the timeout. For the same reason every kernel variant is built
+first (`precompile_cases`: `workspace.compile_only()`, nothing launched).
+Separate processes on separate GPUs need none of this.
 """
 
 from __future__ import annotations
@@ -478,6 +479,25 @@ def case_kwargs(case: Case, device: torch.device | str) -> dict[str, Any]:
     if traits.quant != Quant.NVFP4:
         del kwargs["layout_code"]
     return kwargs
+
+
+def precompile_cases(workspace, cases: list[tuple[Case, dict]], rank: int,
+                     device: torch.device | str, comm: InProcessBackend | None = None) -> None:
+    """Build every kernel variant `cases` ((case, run_case kwargs) pairs) need on this
+    rank, launching nothing; with `comm`, rank 0 compiles first and the others then
+    find Triton's cache warm, and all meet after."""
+    from .api import allreduce_fusion
+
+    for turn in (0, 1) if comm is not None else (1,):
+        if comm is None or (rank == 0) == (turn == 0):
+            with workspace.compile_only():
+                for case, kw in cases:
+                    kw = dict(kw)
+                    out = case_outputs(case, device, kw.pop("with_output", True))
+                    allreduce_fusion(case.input(rank, device), workspace, case.pattern, **out,
+                                     **case_kwargs(case, device), **kw)
+        if comm is not None:
+            comm.barrier()
 
 
 @dataclass

@@ -8,10 +8,12 @@ size), and must be destroyed (explicitly or as a context manager) by all ranks.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import os
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -137,6 +139,12 @@ class AllReduceFusionWorkspace(abc.ABC):
                 f"{self.timeout_s:g} s in an earlier allreduce_fusion call; this workspace "
                 "is unusable: destroy it and create a new one on every rank"
             )
+
+    @contextlib.contextmanager
+    def compile_only(self) -> Iterator[None]:
+        """Within this block, calls build (compile and load) the kernels they need and
+        launch nothing; a no-op for backends without kernels of their own."""
+        yield
 
     @abc.abstractmethod
     def run(self, call: FusionCall) -> None:

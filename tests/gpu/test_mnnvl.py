@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from arfusion import AllReduceFusionPattern as P
-from arfusion import MNNVLAllReduceFusionWorkspace, create_allreduce_fusion_workspace, heuristics
+from arfusion import (
+    MNNVLAllReduceFusionWorkspace,
+    create_allreduce_fusion_workspace,
+    heuristics,
+    sizing,
+)
 from arfusion.comm import TorchDistBackend
-from arfusion.testing import Case, run_case, run_processes, run_ranks
+from arfusion.mnnvl import MNNVLAllreduceFusionStrategy
+from arfusion.testing import Case, precompile_cases, run_case, run_processes, run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +47,7 @@ def _posix_fd_rank(rank, world_size, cycles):
         comm.barrier()
         ok.append(bool((buf.local[(1 - rank) * 64:(2 - rank) * 64] == 101 - rank).all()))
         del peer
-        buf.close()
+        buf.close(30.0)
     torch.cuda.synchronize()
     comm.barrier()
     return ok, free_before - torch.cuda.mem_get_info(device)[0], kinds
@@ -55,39 +61,40 @@ def test_posix_fd_exchange_between_two_processes_and_no_leak_over_100_cycles():
 
 
 def _default_sizing_rank(ctx):
+    """Sized for two-shot at every size and one-shot up to the heuristic threshold;
+    one-shot is then allowed for every call the rotations hold, and refused beyond."""
     dtype = torch.bfloat16
-    max_tokens, hidden = 256, 4096
+    max_tokens, hidden = 1024, 4096
     with create_allreduce_fusion_workspace(
             "mnnvl", world_size=ctx.world_size, rank=ctx.rank, max_token_num=max_tokens,
             hidden_dim=hidden, dtype=dtype, comm_backend=ctx.comm) as ws:
         assert isinstance(ws, MNNVLAllReduceFusionWorkspace)
-        cap = heuristics.oneshot_max_elements(ctx.world_size, dtype)
-        big_t = cap // hidden + 1
+        fits = ws.buffer_size_bytes // dtype.itemsize // ctx.world_size // 16 * 16
+        big_t = fits // hidden + 1
         answers = (ws.is_buffer_size_sufficient(ctx.world_size, big_t, hidden, dtype, True),
                    ws.is_buffer_size_sufficient(ctx.world_size, big_t, hidden, dtype, False),
                    ws.is_buffer_size_sufficient(ctx.world_size, big_t, hidden, dtype, None),
-                   ws.is_buffer_size_sufficient(ctx.world_size, 1, hidden, dtype, True))
+                   ws.is_buffer_size_sufficient(ctx.world_size, big_t - 1, hidden, dtype,
+                                                strategy=MNNVLAllreduceFusionStrategy.ONESHOT),
+                   big_t - 1 > heuristics.oneshot_max_elements(ctx.world_size, dtype) // hidden)
         case = Case(P.kARResidualRMSNorm, big_t, hidden, dtype, seed=5)
         with pytest.raises(ValueError, match="use_oneshot=True needs"):
             run_case(ws, case, ctx.rank, ctx.world_size, CUDA, use_oneshot=True)
-        results = [run_case(ws, case, ctx.rank, ctx.world_size, CUDA, comm=ctx.comm,
-                            use_oneshot=o).check.ok for o in (None, False)]
+        allowed = Case(P.kARResidualRMSNorm, big_t - 1, hidden, dtype, seed=6)
+        runs = [(case, dict(use_oneshot=None)), (case, dict(use_oneshot=False)),
+                (allowed, dict(use_oneshot=True))]
+        precompile_cases(ws, runs, ctx.rank, CUDA, ctx.comm)
+        results = [run_case(ws, c, ctx.rank, ctx.world_size, CUDA, comm=ctx.comm,
+                            **kw).check.ok for c, kw in runs]
         footprint = ws.footprint_bytes
     return answers, results, footprint
 
 
-def _compile_alone(ctx):
-    with create_allreduce_fusion_workspace("mnnvl", world_size=1, rank=0, max_token_num=4,
-                                           hidden_dim=4096, dtype=torch.bfloat16,
-                                           comm_backend=ctx.comm) as ws:
-        return [run_case(ws, Case(P.kARResidualRMSNorm, 4, 4096, torch.bfloat16), 0, 1, CUDA,
-                         use_oneshot=o).check.ok for o in (True, False)]
-
-
 def test_default_sizing_is_strategy_aware():
-    assert run_ranks(1, _compile_alone, device=CUDA) == [[True, True]]
     for answers, results, footprint in run_ranks(4, _default_sizing_rank, device=CUDA):
-        assert answers == (False, True, True, True)
-        assert results == [True, True]
-        assert footprint == MNNVLAllReduceFusionWorkspace.get_required_buffer_size_bytes(
-            4, 256, 4096, torch.bfloat16)
+        assert answers == (False, True, True, True, True)
+        assert results == [True, True, True]
+        e = 1024 * 4096
+        assert footprint == sizing.buffer_bytes(
+            4, e, MNNVLAllReduceFusionWorkspace.oneshot_capacity(4, e, torch.bfloat16, False),
+            torch.bfloat16)

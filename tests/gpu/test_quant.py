@@ -8,6 +8,7 @@ within the format's bound, identical bits on every rank.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -21,12 +22,13 @@ from arfusion.testing import (
     case_kwargs,
     case_outputs,
     check_outputs,
+    precompile_cases,
     replay_graph,
     run_case,
     run_ranks,
 )
 
-from .test_trtllm import CUDA, assert_all_good, make_workspace
+from .test_trtllm import CUDA, assert_all_good, compile_first, make_workspace
 
 pytestmark = pytest.mark.gpu
 
@@ -71,16 +73,16 @@ def plan(world_size, dtype, seed):
 
 
 def run_plan(ctx, dtype, seed):
+    cases = plan(ctx.world_size, dtype, seed)
     with make_workspace(ctx, dtype, MAX_TOKENS, MAX_HIDDEN) as ws:
+        precompile_cases(ws, cases, ctx.rank, ctx.device, ctx.comm)
         return [run_case(ws, case, ctx.rank, ctx.world_size, ctx.device, comm=ctx.comm, **kw)
-                for case, kw in plan(ctx.world_size, dtype, seed)]
+                for case, kw in cases]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quant_patterns_match_reference(world_size, dtype):
-    if world_size > 1:
-        run_ranks(1, run_plan, dtype, world_size, device=CUDA)  # compile alone first
     results = run_ranks(world_size, run_plan, dtype, world_size, device=CUDA)
     assert_all_good(results)
     boundary = sum(r.check.boundary for r in results[0])
@@ -126,8 +128,10 @@ def _edge_rank(ctx, dtype, scales):
                 if scale is not None:
                     kw["scale_factor"] = torch.full((1,), scale, device=CUDA) if as_tensor \
                         else scale
-                ctx.comm.barrier()
-                allreduce_fusion(x[ctx.rank], ws, pattern, layout_code=layout, **outs, **kw)
+                call = functools.partial(allreduce_fusion, x[ctx.rank], ws, pattern,
+                                         layout_code=layout, **outs, **kw)
+                compile_first(ctx, ws, call)
+                call()
                 ctx.stream.synchronize()
                 ref = reference.reference_allreduce_fusion(
                     x, pattern, residual_in=residual, rms_gamma=gamma, rms_eps=0.0,
@@ -143,7 +147,6 @@ EDGE_SCALES = {Quant.FP8: [1.0, 1e-3, 1e6], Quant.NVFP4: [1.0, 1e4, 1e-30],
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quant_edge_cases_are_exact(dtype):
-    run_ranks(1, _edge_rank, dtype, EDGE_SCALES, device=CUDA)  # compile alone first
     for rank_results in run_ranks(2, _edge_rank, dtype, EDGE_SCALES, device=CUDA):
         bad = [r for r in rank_results if r[2]]
         assert not bad, bad[:5]
@@ -170,6 +173,7 @@ def _graph_scale_rank(ctx, replays):
             for case, x, out, kw, oneshot in static:
                 allreduce_fusion(x, ws, case.pattern, use_oneshot=oneshot, **out, **kw)
 
+        compile_first(ctx, ws, step)
         graph = capture_graph(ctx, step)
         bad = 0
         for i in range(replays):
@@ -194,5 +198,4 @@ def _graph_scale_rank(ctx, replays):
 
 
 def test_cuda_graph_replays_with_changing_scale_tensor():
-    run_ranks(1, _graph_scale_rank, 1, device=CUDA)
     assert run_ranks(2, _graph_scale_rank, 20, device=CUDA) == [0, 0]

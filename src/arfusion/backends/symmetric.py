@@ -115,8 +115,8 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
     @contextlib.contextmanager
     def compile_only(self) -> Iterator[None]:
         """Within this block, calls compile and load the kernel variant they need but
-        launch nothing (no peer needed, no protocol state touched): a rank can build
-        every variant before any rank's kernel waits for a peer."""
+        launch nothing (no peer needed, no protocol state touched, outputs untouched):
+        a rank can build every variant before any rank's kernel waits for a peer."""
         self._launch.compile_only = True
         try:
             yield
