@@ -12,7 +12,7 @@ HEADER = dict(card="Test GPU", sms=1, driver="0", torch="t", triton="t", date="2
 
 def _row(method, tokens, us, world=4, mode="emulation"):
     return dict(method=method, pattern=1, hidden=4096, tokens=tokens, strategy="-", us=us,
-                world_size=world, mode=mode, dtype="bfloat16")
+                world_size=world, mode=mode, dtype="bfloat16", roofline=None)
 
 
 def test_footprints_follow_the_formulas():
@@ -26,9 +26,11 @@ def test_footprints_follow_the_formulas():
 def test_markdown_lists_every_method_and_labels_emulation():
     rows = [_row("arfusion trtllm oneshot", 1, 10.0), _row("arfusion trtllm twoshot", 1, 20.0),
             _row("nccl + compiled epilogue", 1, 30.0, world=1, mode="world-1")]
-    md = bench._markdown(HEADER, rows, {})
-    assert "emulation, not NVLink" in md and "world size 1 on one GPU" in md
-    assert "| kARResidualRMSNorm | bfloat16 | 4096 | 1 | 10.0 | 20.0 |" in md
+    rows[0]["roofline"] = 0.5
+    md = bench._markdown(HEADER, rows, {"copy_GBps": 3000.0})
+    assert "emulation: the exchange is local HBM traffic, not NVLink" in md
+    assert "world size 1 on one GPU" in md and "3000 GB/s" in md
+    assert "| kARResidualRMSNorm | bfloat16 | 4096 | 1 | 10.0 [50%] | 20.0 |" in md
 
 
 def test_tune_writes_the_largest_size_where_oneshot_still_wins(tmp_path):
@@ -46,3 +48,16 @@ def test_tune_writes_the_largest_size_where_oneshot_still_wins(tmp_path):
     namespace: dict = {}
     exec(compile(text, str(path), "exec"), namespace)
     assert namespace["ONESHOT_MAX_BYTES"][4] == 8 * 4096 * 2
+
+
+def test_roofline_bytes_follow_the_protocol():
+    from arfusion.bench.timing import epilogue_bytes, lamport_bytes
+
+    e = 128 * 4096
+    # one-shot moves (3N+4)E elements per rank for kARResidualRMSNorm, two-shot about 10E
+    assert epilogue_bytes(1, 128, 4096, 2) + lamport_bytes(8, 128, 4096, 2, True) == \
+        (3 * 8 + 4) * e * 2
+    assert epilogue_bytes(1, 128, 4096, 2) + lamport_bytes(8, 128, 4096, 2, False) == 10 * e * 2
+    assert lamport_bytes(1, 128, 4096, 2, True) == 0
+    assert epilogue_bytes(0, 128, 4096, 2) == 2 * e * 2  # kAllReduce: read x, write output
+    assert epilogue_bytes(3, 16, 64, 2) == 3 * 16 * 64 * 2 + 16 * 64 // 2 + 16 * 64 // 16

@@ -116,7 +116,7 @@ CASES = [
     ("moe argument given", 1, dict(expert_scale_factor=torch.ones(1)), ValueError,
      "expert_scale_factor is only for the MoE patterns"),
     ("residual_out is norm_out", 1, dict(norm_out=SAME_AS_RESIDUAL_OUT), ValueError,
-     "residual_out and norm_out overlap"),
+     "norm_out and residual_out overlap"),
     ("norm_out partly overlaps input", 1, dict(input=SHARED[:T], norm_out=SHARED[1:T + 1]),
      ValueError, "norm_out partly overlaps input"),
     ("rms_eps nan", 1, dict(rms_eps=float("nan")), ValueError, "rms_eps must be >= 0"),

@@ -7,7 +7,7 @@ import torch
 from . import heuristics, topology
 from .backends import BACKENDS, workspace_class
 from .comm import CommBackend
-from .validation import FusionCall, validate_call
+from .validation import FusionCall, reject_moe, validate_call
 from .workspace import LIVE_WORKSPACES, AllReduceFusionWorkspace
 
 
@@ -99,6 +99,12 @@ def allreduce_fusion(
     of calls.
     """
     args = locals()
+    if (moe_reduction_device_num_experts is not None or moe_reduction_scale_input is not None
+            or moe_reduction_active_experts_token_input is not None
+            or moe_reduction_token_input is not None or expanded_idx_to_permuted_idx is not None
+            or expert_scale_factor is not None or shared_expert_output is not None
+            or block_quant_group_size is not None):
+        reject_moe(args)
     if not isinstance(workspace, AllReduceFusionWorkspace):
         raise TypeError(
             "workspace must be an AllReduceFusionWorkspace (from "

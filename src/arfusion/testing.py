@@ -25,15 +25,18 @@ Separate processes on separate GPUs need none of this.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +207,39 @@ def run_processes(
         missing = sorted(set(range(world_size)) - set(out))
         raise RuntimeError(f"ranks {missing} did not report within {timeout_s} s")
     return [out[r][1] for r in range(world_size)]
+
+
+MPS_ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+
+
+@contextlib.contextmanager
+def mps_daemon() -> Iterator[bool]:
+    """Run the CUDA Multi-Process Service for the block, so that processes started in
+    it (`run_processes`) share one GPU with their kernels running concurrently (without
+    it, spin-waits across processes of one GPU never progress). Yields False where the
+    daemon cannot start (not installed, not root, already in use); quits it after.
+    Start it before this process initialises CUDA: only later processes are clients."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        yield False
+        return
+    folder = tempfile.mkdtemp(prefix="arfusion-mps-")
+    saved = {k: os.environ.get(k) for k in MPS_ENV}
+    os.environ.update({k: os.path.join(folder, k.split("_")[-2].lower()) for k in MPS_ENV})
+    for k in MPS_ENV:
+        os.makedirs(os.environ[k], exist_ok=True)
+    started = subprocess.run([control, "-d"], capture_output=True).returncode == 0
+    try:
+        yield started
+    finally:
+        if started:
+            subprocess.run([control], input=b"quit\n", capture_output=True, timeout=60)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass

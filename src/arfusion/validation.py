@@ -26,7 +26,7 @@ and which tensors alias which.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -76,13 +76,19 @@ class Plan:
     num_tokens: int
     hidden_dim: int
     layout: int
+    use_oneshot: bool | None
+    launch_with_pdl: bool
+    trigger_completion_at_end: bool
     write_output: bool  # `output` receives cast(s)
     quant_view: torch.dtype | None  # flat view the kernel stores into (None: as passed)
     scale_view: torch.dtype | None
     scale_mode: str  # "none", "value" (a float), "host" (CPU tensor), "device"
     returns: str  # the argument allreduce_fusion returns
-    written: tuple[str, ...]  # outputs this call writes (after allocation)
-    key: tuple  # the signature (backends key their own caches on it)
+    written: tuple[str, ...]  # outputs this call writes
+    alloc: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # written, passed as None
+    spans: tuple[tuple[str, int, int], ...]  # (argument, bytes, ALIAS_*) for _check_aliasing
+    # Address tuples already found free of bad aliasing (eager loops reuse buffers).
+    verified: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(slots=True)
@@ -91,13 +97,9 @@ class FusionCall:
 
     `quant_out` / `scale_out` are flat views of the dtype the kernels store
     (fp8 codes, packed uint8, scale bytes, fp32 per-token scales); `ret` is the
-    tensor allreduce_fusion returns."""
+    tensor allreduce_fusion returns. Everything else is the plan's."""
 
     input: torch.Tensor
-    pattern: int
-    traits: PatternTraits
-    num_tokens: int
-    hidden_dim: int
     output: torch.Tensor | None
     residual_out: torch.Tensor | None
     norm_out: torch.Tensor | None
@@ -106,14 +108,42 @@ class FusionCall:
     residual_in: torch.Tensor | None
     rms_gamma: torch.Tensor | None
     rms_eps: float
-    scale_factor: float | torch.Tensor | None  # None: no quantisation scale
-    layout_code: int
-    use_oneshot: bool | None
-    launch_with_pdl: bool
-    trigger_completion_at_end: bool
     weight_bias: float
+    scale_factor: float | torch.Tensor | None  # None: no quantisation scale
     plan: Plan
     ret: torch.Tensor
+
+    @property
+    def traits(self) -> PatternTraits:
+        return self.plan.traits
+
+    @property
+    def pattern(self) -> int:
+        return self.plan.pattern
+
+    @property
+    def num_tokens(self) -> int:
+        return self.plan.num_tokens
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.plan.hidden_dim
+
+    @property
+    def layout_code(self) -> int:
+        return self.plan.layout
+
+    @property
+    def use_oneshot(self) -> bool | None:
+        return self.plan.use_oneshot
+
+    @property
+    def launch_with_pdl(self) -> bool:
+        return self.plan.launch_with_pdl
+
+    @property
+    def trigger_completion_at_end(self) -> bool:
+        return self.plan.trigger_completion_at_end
 
 
 def _fmt_dtypes(dtypes) -> str:
@@ -156,22 +186,6 @@ def flat_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8).view(dtype)
 
 
-def _tensor_key(t: object) -> object:
-    if t is None:
-        return None
-    if isinstance(t, torch.Tensor):
-        return (t.dtype, t.shape, t.device, t.is_contiguous())
-    return type(t)
-
-
-def _scale_key(sf: object) -> object:
-    if sf is None or isinstance(sf, (float, int)):
-        return type(sf)
-    if isinstance(sf, torch.Tensor):
-        return (sf.dtype, sf.device, sf.numel() > 0)
-    return type(sf)
-
-
 def as_bool(name: str, value: object) -> bool:
     """True/False, 0/1 and numpy booleans, as Python takes them."""
     if value is True or value is False:
@@ -197,6 +211,15 @@ def _as_pattern(pattern: object) -> int:
     if code not in PATTERNS:
         raise ValueError(f"pattern must be one of {sorted(PATTERNS)}, got {code}")
     return code
+
+
+def reject_moe(a: dict[str, Any]) -> None:
+    """FlashInfer's MoE arguments must be None (allreduce_fusion calls this only when
+    one is not)."""
+    for name in MOE_ARGUMENTS:
+        if a[name] is not None:
+            raise ValueError(f"{name} is only for the MoE patterns, which arfusion does not "
+                             "support; pass None")
 
 
 def _check_capacity(ws: WorkspaceFacts, t: int, h: int, use_oneshot) -> None:
@@ -225,14 +248,10 @@ def _number(name: str, value: object, default: float) -> float:
     return float(value)
 
 
-def _make_plan(ws: WorkspaceFacts, key: tuple, a: dict[str, Any]) -> Plan:
+def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     """Every signature-level check of a call (`a`: allreduce_fusion's arguments)."""
     pattern = _as_pattern(a["pattern"])
     traits = PATTERNS[pattern]
-    for name in MOE_ARGUMENTS:
-        if a.get(name) is not None:
-            raise ValueError(f"{name} is only for the MoE patterns, which arfusion does not "
-                             f"support; pass None (pattern {traits.name})")
     x = a["input"]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -318,9 +337,29 @@ def _make_plan(ws: WorkspaceFacts, key: tuple, a: dict[str, Any]) -> Plan:
                          f"{t} tokens, hidden_dim {h} in layout {LAYOUT_NAMES[layout]}")
             if s.dtype != torch.uint8 or s.dim() != 1:
                 scale_view = torch.uint8
-    returns = "norm_out" if a["norm_out"] is not None else traits.returns
-    return Plan(pattern, traits, t, h, layout, a["output"] is not None and traits.norm, quant_view,
-                scale_view, scale_mode, returns, tuple(written), key)
+    returns = traits.returns  # unless the caller passed norm_out (validate_call)
+    shapes = {"output": ((t, h), x.dtype), "residual_out": ((t, h), x.dtype),
+              "norm_out": ((t, h), x.dtype)}
+    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+        shapes["quant_out"] = ((t, h), torch.float8_e4m3fn)
+        shapes["scale_out"] = ((t, 1), torch.float32)
+    elif quant == Quant.NVFP4:
+        shapes["quant_out"] = ((t, h // 2), torch.uint8)
+        shapes["scale_out"] = ((sf_size(t, h // NVFP4_BLOCK, layout),), torch.uint8)
+    spans = [(name, _nbytes(a[name]), ALIAS_OUTPUT) for name in written if a[name] is not None]
+    spans += [(name, _nbytes(a[name]), ALIAS_INPUT) for name in ("input", "residual_in")
+              if name == "input" or traits.norm]
+    if traits.norm:
+        spans.append(("rms_gamma", _nbytes(a["rms_gamma"]), ALIAS_NEVER))
+    return Plan(
+        pattern, traits, t, h, layout, use_oneshot, bool(a["launch_with_pdl"]),
+        bool(a["trigger_completion_at_end"]), a["output"] is not None and traits.norm,
+        quant_view, scale_view, scale_mode, returns, tuple(written),
+        tuple((name, *shapes[name]) for name in written if a[name] is None), tuple(spans))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _check_scale_factor(scale_factor: object, device: torch.device) -> str:
@@ -362,96 +401,83 @@ def _scale_value(plan: Plan, scale_factor: object) -> float | torch.Tensor | Non
     return value
 
 
-ALIAS_INPUTS = ("input", "residual_in")
+ALIAS_INPUT, ALIAS_OUTPUT, ALIAS_NEVER = 0, 1, 2
+VERIFIED_MAX = 256
 
 
-def _check_aliasing(plan: Plan, tensors: dict[str, torch.Tensor | None],
-                    gamma: torch.Tensor | None) -> None:
-    """Written outputs may not overlap each other or gamma, and may overlap an input
-    only as the very same memory (read first, then written)."""
-    spans = []
-    for name in plan.written:
-        t = tensors[name]
-        if t is not None:
-            spans.append((t.data_ptr(), t.numel() * t.element_size(), name))
-    inputs = [(t.data_ptr(), t.numel() * t.element_size(), name)
-              for name in ALIAS_INPUTS if (t := tensors[name]) is not None]
-    if gamma is not None:
-        inputs.append((gamma.data_ptr(), -1, "rms_gamma"))  # never the same memory
-    for i, (p, n, name) in enumerate(spans):
-        for q, m, other in spans[i + 1:]:
-            if p < q + m and q < p + n:
-                raise ValueError(f"{name} and {other} overlap: each output needs its own "
-                                 "memory, or one result would overwrite the other")
-        for q, m, other in inputs:
-            if (p, n) != (q, m) and p < q + abs(m) and q < p + n:
-                raise ValueError(f"{name} partly overlaps {other}: an output may be an "
-                                 "input's very memory (in place), not part of it")
+def _check_aliasing(plan: Plan, a: dict[str, Any]) -> None:
+    """Written outputs may not overlap each other or rms_gamma, and may overlap an
+    input only as the very same memory (read first, then written). Sorted by address,
+    any overlap shows between neighbours."""
+    ptrs = tuple([a[name].data_ptr() for name, _, _ in plan.spans])
+    if ptrs in plan.verified:
+        return
+    spans = sorted((p, n, kind, name) for p, (name, n, kind) in zip(ptrs, plan.spans,
+                                                                    strict=True))
+    for (p, n, kind, name), (q, m, kind2, other) in zip(spans, spans[1:], strict=False):
+        if q >= p + n or ALIAS_OUTPUT not in (kind, kind2):  # apart, or both only read
+            continue
+        if (p, n) == (q, m) and {kind, kind2} == {ALIAS_INPUT, ALIAS_OUTPUT}:
+            continue
+        if kind == kind2 == ALIAS_OUTPUT:
+            raise ValueError(f"{name} and {other} overlap: each output needs its own memory, "
+                             "or one result would overwrite the other")
+        out, inp = (name, other) if kind == ALIAS_OUTPUT else (other, name)
+        raise ValueError(f"{out} partly overlaps {inp}: an output may be an input's very "
+                         "memory (in place), not part of it")
+    if len(plan.verified) >= VERIFIED_MAX:
+        plan.verified.clear()
+    plan.verified[ptrs] = True
+
+
+def _signature(a: dict[str, Any]) -> tuple:
+    """What a plan depends on: the pattern and flags, and each tensor's dtype, shape,
+    device and contiguity (AttributeError/TypeError for arguments of a wrong type)."""
+    sf = a["scale_factor"]
+    return (
+        type(a["pattern"]), a["pattern"], a["layout_code"], a["use_oneshot"],
+        a["launch_with_pdl"], a["trigger_completion_at_end"], type(a["rms_eps"]),
+        type(a["weight_bias"]),
+        (sf.dtype, sf.device, sf.numel() > 0) if isinstance(sf, torch.Tensor) else type(sf),
+        *[None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())
+          for t in (a["input"], a["residual_in"], a["rms_gamma"], a["output"],
+                    a["residual_out"], a["norm_out"], a["quant_out"], a["scale_out"])])
 
 
 def validate_call(ws: WorkspaceFacts, a: dict[str, Any], real: bool = True) -> FusionCall:
     """Check one call (`a`: allreduce_fusion's arguments by name) and allocate the
     outputs left as None. `real=False` (torch.compile tracing, fake tensors) skips
     the checks that read memory addresses or values."""
-    x = a["input"]
-    key = (type(a["pattern"]), a["pattern"], _tensor_key(x), _tensor_key(a["residual_in"]),
-           _tensor_key(a["rms_gamma"]), _tensor_key(a["output"]),
-           _tensor_key(a["residual_out"]), _tensor_key(a["norm_out"]),
-           _tensor_key(a["quant_out"]), _tensor_key(a["scale_out"]),
-           _scale_key(a["scale_factor"]), a["layout_code"], a["use_oneshot"],
-           a["launch_with_pdl"], a["trigger_completion_at_end"], type(a["rms_eps"]),
-           type(a["weight_bias"]), *(a.get(n) is None for n in MOE_ARGUMENTS))
     try:
+        key = _signature(a)
         plan = ws.plans.get(key)
-    except TypeError:  # an unhashable argument: the full checks name it
-        plan = key = None
+    except (AttributeError, TypeError):  # a wrong type or an unhashable value
+        key = plan = None
     if plan is None:
-        plan = _make_plan(ws, key, a)
+        plan = _make_plan(ws, a)
         if key is not None:
             ws.plans[key] = plan
-    traits = plan.traits
-    norm = traits.norm
-    scale = _scale_value(plan, a["scale_factor"])
+    norm = plan.traits.norm
+    scale = _scale_value(plan, a["scale_factor"]) if plan.scale_mode != "none" else None
     rms_eps = DEFAULT_EPS if a["rms_eps"] is None else float(a["rms_eps"])
     if norm and not rms_eps >= 0:
         raise ValueError(f"rms_eps must be >= 0, got {rms_eps}")
     weight_bias = 0.0 if a["weight_bias"] is None else float(a["weight_bias"])
-    out = {name: a[name] for name in plan.written}
     if real:
-        _check_aliasing(plan, {**out, "input": x, "residual_in": a["residual_in"] if norm
-                               else None}, a["rms_gamma"] if norm else None)
+        _check_aliasing(plan, a)
 
     # Every check passed: allocate what the caller left out, make the kernels' views.
-    t, h = plan.num_tokens, plan.hidden_dim
-    quant = traits.quant
-    shapes = {"output": ((t, h), x.dtype), "residual_out": ((t, h), x.dtype),
-              "norm_out": ((t, h), x.dtype)}
-    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
-        shapes["quant_out"] = ((t, h), torch.float8_e4m3fn)
-        shapes["scale_out"] = ((t, 1), torch.float32)
-    elif quant == Quant.NVFP4:
-        shapes["quant_out"] = ((t, h // 2), torch.uint8)
-        shapes["scale_out"] = ((sf_size(t, h // NVFP4_BLOCK, plan.layout),), torch.uint8)
-    for name, value in out.items():
-        if value is None:
-            shape, dtype = shapes[name]
-            out[name] = torch.empty(shape, dtype=dtype, device=x.device)
-    ret = a["norm_out"] if plan.returns == "norm_out" and a["norm_out"] is not None \
-        else out[plan.returns]
+    out = {name: a[name] for name in plan.written}
+    device = a["input"].device
+    for name, shape, dtype in plan.alloc:
+        out[name] = torch.empty(shape, dtype=dtype, device=device)
     quant_out, scale_out = out.get("quant_out"), out.get("scale_out")
-    if plan.quant_view is not None and a["quant_out"] is not None:
+    if plan.quant_view is not None:
         quant_out = flat_view(quant_out, plan.quant_view)
-    if plan.scale_view is not None and a["scale_out"] is not None:
+    if plan.scale_view is not None:
         scale_out = flat_view(scale_out, plan.scale_view)
     return FusionCall(
-        input=x, pattern=plan.pattern, traits=traits, num_tokens=t, hidden_dim=h,
-        output=out.get("output"), residual_out=out.get("residual_out"),
-        norm_out=out.get("norm_out"), quant_out=quant_out, scale_out=scale_out,
-        residual_in=a["residual_in"] if norm else None,
-        rms_gamma=a["rms_gamma"] if norm else None, rms_eps=rms_eps, scale_factor=scale,
-        layout_code=plan.layout, use_oneshot=None if a["use_oneshot"] is None
-        else bool(a["use_oneshot"]), launch_with_pdl=bool(a["launch_with_pdl"]),
-        trigger_completion_at_end=bool(a["trigger_completion_at_end"]),
-        weight_bias=weight_bias, plan=plan, ret=ret,
-    )
-
+        a["input"], out.get("output"), out.get("residual_out"), out.get("norm_out"), quant_out,
+        scale_out, a["residual_in"] if norm else None, a["rms_gamma"] if norm else None,
+        rms_eps, weight_bias, scale, plan,
+        a["norm_out"] if a["norm_out"] is not None else out[plan.returns])

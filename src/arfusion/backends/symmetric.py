@@ -86,7 +86,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
             dummy={d: torch.zeros(1, dtype=d, device=device)
                    for d in (torch.uint8, torch.float32)},
         )
-        self._launch = launch.Launcher(self._res)
+        self._launch = launch.Launcher(self._res, self.picks_oneshot)
         self.footprint_bytes = nbytes
         torch.cuda.synchronize(device)
         buf.comm.barrier()  # no peer writes into a buffer that is not yet initialised
@@ -109,8 +109,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
             self.world_size, num_elements, self.dtype)
 
     def run(self, call: FusionCall) -> None:
-        oneshot = self.picks_oneshot(call.num_tokens * call.hidden_dim, call.use_oneshot)
-        self._launch(call, oneshot, self._timeout_s)
+        self._launch(call, self._timeout_s)
 
     @contextlib.contextmanager
     def compile_only(self) -> Iterator[None]:

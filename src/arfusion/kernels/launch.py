@@ -19,7 +19,10 @@ arfusion.testing; `workspace.precompile` uses it too).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ __all__ = ["BITS", "STATE_SIZE", "Launcher", "Resources"]
 MAX_BLOCK = 8192  # widest row chunk held in registers
 BITS = {2: torch.int16, 4: torch.int32}
 MAX_TIMEOUT_US = 2**31 - 1  # keeps the argument an i32 whatever the timeout
+_raw_stream = torch._C._cuda_getCurrentRawStream  # what Triton's own launches use
 
 
 @dataclass
@@ -66,12 +70,14 @@ class Prepared:
 
 
 class Launcher:
-    """Launches validated calls for one rank (one per workspace)."""
+    """Launches validated calls for one rank (one per workspace). `picks_oneshot(n,
+    use_oneshot)` is the workspace's strategy rule, asked once per plan."""
 
-    def __init__(self, res: Resources):
+    def __init__(self, res: Resources, picks_oneshot: Callable[[int, bool | None], bool]):
         self.res = res
         self.compile_only = False
-        self._cache: dict[tuple, Prepared] = {}
+        self._picks_oneshot = picks_oneshot
+        self._cache: dict[tuple[int, int], Prepared] = {}
         self._static = [res.buf.data_ptr(), res.deltas.data_ptr(), res.state.data_ptr()]
         self._device = res.buf.device.index
         self._u8 = res.dummy[torch.uint8]
@@ -92,33 +98,33 @@ class Launcher:
             sf if isinstance(sf, torch.Tensor) else self._f32,
         ]
 
-    def __call__(self, call: FusionCall, oneshot: bool, timeout_s: float) -> None:
+    def __call__(self, call: FusionCall, timeout_s: float) -> None:
         tensors = self._tensors(call)
-        ptrs = [call.input.data_ptr(), *(t.data_ptr() for t in tensors)]
+        ptrs = [call.input.data_ptr(), *[t.data_ptr() for t in tensors]]
         align = 0
-        for i, p in enumerate(ptrs):
-            align |= bool(p & 15) << i
-        key = (call.plan.key, oneshot, align)
+        if reduce(or_, ptrs) & 15:  # some pointer is not 16-byte aligned: which ones
+            for i, p in enumerate(ptrs):
+                align |= bool(p & 15) << i
+        key = (id(call.plan), align)  # plans live as long as the workspace
         prep = self._cache.get(key)
         if prep is None or self.compile_only:
+            oneshot = self._picks_oneshot(call.num_tokens * call.hidden_dim, call.use_oneshot)
             prep = self._first(call, oneshot, timeout_s, tensors)
-            if prep is not None:
-                self._cache[key] = prep
+            self._cache[key] = prep
             return
-        res, t, h = self.res, call.num_tokens, call.hidden_dim
+        res = self.res
         sf = call.scale_factor
-        scalars = [1.0 if sf is None or isinstance(sf, torch.Tensor) else sf, call.rms_eps,
-                   call.weight_bias, t, h]
+        scalars = (1.0 if sf is None or sf.__class__ is not float else sf, call.rms_eps,
+                   call.weight_bias, call.plan.num_tokens, call.plan.hidden_dim)
         if res.world_size == 1:
-            args = [ptrs[0], *ptrs[1:], *scalars]
+            args = (*ptrs, *scalars)
         else:
-            args = [ptrs[0], *self._static, res.err_addr, *ptrs[1:], *scalars, res.rank,
+            args = (ptrs[0], *self._static, res.err_addr, *ptrs[1:], *scalars, res.rank,
                     res.world_size, res.buf_stride, prep.stride,
-                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US)]
+                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US))
         kernel = prep.kernel
-        stream = torch._C._cuda_getCurrentRawStream(self._device)
-        kernel.run(prep.grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None,
-                   None, None, *args, *prep.consts)
+        kernel.run(prep.grid, 1, 1, _raw_stream(self._device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *prep.consts)
 
     def _first(self, call: FusionCall, oneshot: bool, timeout_s: float,
                tensors: list[torch.Tensor]) -> Prepared | None:

@@ -1,0 +1,149 @@
+"""`python -m arfusion bench`: arfusion against what users would pick instead, in one run.
+
+Timing (timing.py): CUDA-graph replays of `--calls` calls, each on its own input
+and residual (rotated, so caches do not flatter), median over `--replays` after a
+warm-up; several ranks: the max over ranks (processes) or the graph that holds them
+all (emulation). Every baseline (baselines.py) and the copy bandwidth are measured
+in the same run on the same card.
+
+Modes (runs.py), by where the ranks are:
+- world size 1 on one GPU, always: arfusion's local kernel vs the compiled epilogue,
+  NCCL / symmetric memory + that epilogue, a copy of the same bytes;
+- one GPU, N > 1 (default): N ranks as N streams of this process, all in ONE CUDA
+  graph (no launch skew); the exchange is local HBM traffic, so the roofline is HBM's;
+- `--mps`: N processes on one GPU under the CUDA Multi-Process Service (started and
+  stopped here), CUDA IPC between them: the real deployment path, but not NVLink;
+- as many GPUs as ranks (or `--processes`): one process per GPU over NCCL.
+`--tune` re-derives the one-shot threshold table of `heuristics.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from pathlib import Path
+
+import torch
+
+from .. import heuristics, testing
+from ..patterns import PATTERNS
+from . import report, runs
+from .report import footprints as _footprints  # noqa: F401 - tests and users
+from .report import markdown as _markdown  # noqa: F401
+from .report import tune
+from .timing import copy_gbps
+
+__all__ = ["add_arguments", "main", "tune"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-size", type=int, default=4)
+    p.add_argument("--patterns", type=_int_list, default=sorted(PATTERNS))
+    p.add_argument("--dtype", default="bf16", help="of bf16, fp16, fp32")
+    p.add_argument("--hidden", type=_int_list, default=[4096, 8192])
+    p.add_argument("--tokens", type=_int_list, default=[1, 16, 128, 512, 2048, 8192])
+    p.add_argument("--emulation-tokens", type=_int_list, default=None,
+                   help="tokens for the N-rank rows (default: --tokens)")
+    p.add_argument("--backends", default="trtllm,mnnvl")
+    p.add_argument("--calls", type=int, default=8, help="calls per CUDA graph (input sets)")
+    p.add_argument("--replays", type=int, default=25)
+    p.add_argument("--out", default="bench-out", help="folder for bench.md/.json/.png")
+    p.add_argument("--tp-layer", action="store_true", help="also time a TP decoder block")
+    p.add_argument("--mps", action="store_true",
+                   help="N processes on one GPU under MPS instead of the one-process runs")
+    p.add_argument("--processes", action="store_true",
+                   help="one process per GPU even at world size 1 (default when there are "
+                        "as many GPUs as ranks)")
+    p.add_argument("--tune", action="store_true",
+                   help="re-derive heuristics.ONESHOT_MAX_BYTES from this run and write it")
+    p.add_argument("--tune-from", metavar="BENCH_JSON",
+                   help="only re-derive the table from an earlier run's bench.json (no GPU)")
+
+
+def _merged(by_rank: list[dict], world: int, mode: str) -> tuple[list[dict], list[dict]]:
+    rows = report.merge_ranks([r["rows"] for r in by_rank], world, mode)
+    tp = [dict(row, us=max(r["tp"][i]["us"] for r in by_rank),
+               rel_err=max(r["tp"][i]["rel_err"] for r in by_rank))
+          for i, row in enumerate(by_rank[0]["tp"])]
+    return rows, tp
+
+
+def _one_gpu(args, dtypes, backends, copy: float) -> tuple[list[dict], list[dict]]:
+    rows, tp = [], []
+    for dtype in dtypes:
+        rows += runs.world1_rows(args, dtype, copy)
+        if args.world_size > 1:
+            emu = argparse.Namespace(**{**vars(args),
+                                        "tokens": args.emulation_tokens or args.tokens})
+            rows += runs.emulated_rows(emu, dtype, backends, copy)
+    if args.tp_layer:
+        block = (*runs.TP_SHAPE, dtypes[0], args.calls, args.replays)
+        fused = testing.run_ranks(1, runs.tp_block, *block, True, device="cuda:0")[0]
+        tp.append(dict(fused, method="arfusion", world_size=1, mode="world-1"))
+        from .baselines import world1_group
+
+        with world1_group():
+            nccl = testing.run_ranks(1, runs.tp_block, *block, False, device="cuda:0")[0]
+        tp.append(dict(nccl, method="nccl + separate ops", world_size=1, mode="world-1"))
+    return rows, tp
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.tune_from:
+        saved = json.loads(Path(args.tune_from).read_text())
+        table = tune(saved["rows"], saved["header"]["world_size"], saved["header"],
+                     Path(heuristics.__file__))
+        print(f"heuristics.ONESHOT_MAX_BYTES <- {table}")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtypes = [DTYPES[d] for d in args.dtype.split(",")]
+    backends = args.backends.split(",")
+    gc.disable()  # graphs are freed explicitly (a collection mid-capture is not allowed)
+    if args.mps:
+        # Before this process touches CUDA: the rank processes must be MPS clients.
+        with testing.mps_daemon() as running:
+            if not running:
+                raise SystemExit("--mps: the MPS control daemon could not be started "
+                                 "(needs nvidia-cuda-mps-control and root)")
+            by_rank = testing.run_processes(args.world_size, runs.process_rank, args, dtypes,
+                                            backends, "mps", backend="gloo", timeout_s=3000)
+        rows, tp = _merged(by_rank, args.world_size, "mps")
+        copy = copy_gbps()
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU")
+    elif args.processes or torch.cuda.device_count() >= args.world_size > 1:
+        by_rank = testing.run_processes(args.world_size, runs.process_rank, args, dtypes,
+                                        backends, "processes", backend="nccl",
+                                        timeout_s=3000)
+        rows, tp = _merged(by_rank, args.world_size, "processes")
+        copy = copy_gbps()
+    else:
+        copy = copy_gbps()
+        rows, tp = _one_gpu(args, dtypes, backends, copy)
+    header = report.header(args.world_size)
+    extras = dict(copy_GBps=copy, host_us=runs.host_costs(dtypes[0]), tp_layer=tp,
+                  footprint=report.footprints(args.world_size, max(args.tokens),
+                                              max(args.hidden), dtypes[0]))
+    if args.tune:
+        table = tune(rows, args.world_size, header, Path(heuristics.__file__))
+        extras["tuned_oneshot_max_bytes"] = table
+        print(f"heuristics.ONESHOT_MAX_BYTES <- {table}")
+    md = report.markdown(header, rows, extras)
+    (out / "bench.md").write_text(md + "\n")
+    (out / "bench.json").write_text(json.dumps(dict(header=header, rows=rows, extras=extras),
+                                               indent=1))
+    report.plot(rows, out / "bench.png")
+    print(md)
+    bad_tp = [r for r in tp if not r["rel_err"] < runs.TP_TOLERANCE]
+    for r in bad_tp:
+        print(f"TP block output of {r['method']} ({r['mode']}) differs from the single-GPU "
+              f"model: relative error {r['rel_err']:.2e} >= {runs.TP_TOLERANCE}")
+    return 1 if bad_tp else 0

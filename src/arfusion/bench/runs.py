@@ -1,0 +1,269 @@
+"""The bench's measurements, one function per way of placing the ranks.
+
+- `world1_rows`: one rank on one GPU: arfusion's local kernel against the compiled
+  epilogue, NCCL / symmetric memory + that epilogue, and a copy of the same bytes.
+- `emulated_rows`: N ranks as N streams of this process on one GPU, every rank's
+  calls in ONE CUDA graph (no launch skew); their exchange is local HBM traffic.
+- `process_rows`: one process per rank (one GPU each over NCCL and symmetric
+  memory, or several on one GPU under MPS over CUDA IPC), max over ranks.
+- `tp_block`: a tensor-parallel block around the fused call, checked and timed.
+
+Every row carries `us` (median per call) and, where the bytes are known, `roofline`:
+the time a copy of the bytes the call must move takes at the measured copy bandwidth,
+over `us` (1.0 = at the memory roofline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+
+from .. import reference, testing
+from ..api import allreduce_fusion, create_allreduce_fusion_workspace
+from ..comm import InProcessBackend, InProcessGroup, TorchDistBackend
+from ..patterns import PATTERNS, Quant
+from ..testing import Case, case_kwargs, case_outputs, pattern_supports
+from . import baselines
+from .timing import (
+    epilogue_bytes,
+    host_us,
+    lamport_bytes,
+    time_graph,
+    time_ranks_graph,
+)
+
+STRATEGIES = {None: "auto", True: "oneshot", False: "twoshot"}
+SCALE = {Quant.FP8: 0.05, Quant.NVFP4: 400.0}
+
+
+def _case(pattern: int, t: int, h: int, dtype: torch.dtype) -> Case:
+    return Case(pattern, t, h, dtype, scale_factor=SCALE.get(PATTERNS[pattern].quant, 1.0))
+
+
+def _shapes(args, dtype):
+    for pattern, h, t in itertools.product(args.patterns, args.hidden, args.tokens):
+        if pattern_supports(pattern, h, dtype):
+            yield _case(pattern, t, h, dtype)
+
+
+class _Calls:
+    """One rank's `calls` calls of a case, each on its own input and residual (so no
+    call finds its data in L2), with shared outputs."""
+
+    def __init__(self, case: Case, rank: int, calls: int, device="cuda"):
+        self.case = case
+        self.sets = []
+        for i in range(calls):
+            rotated = Case(case.pattern, case.num_tokens, case.hidden_dim, case.dtype,
+                           seed=i, scale_factor=case.scale_factor)
+            self.sets.append((rotated.input(rank, device),
+                              rotated.shared(device)["residual_in"]))
+        self.out = case_outputs(case, device, with_output=False)
+        self.kw = case_kwargs(case, device)
+        self.kw.pop("residual_in", None)
+        self.gamma = case.shared(device)["rms_gamma"]
+
+    def fused(self, ws, use_oneshot=None, first_only=False) -> None:
+        norm = PATTERNS[self.case.pattern].norm
+        for x, residual in self.sets[:1] if first_only else self.sets:
+            extra = {"residual_in": residual} if norm else {}
+            allreduce_fusion(x, ws, self.case.pattern, use_oneshot=use_oneshot, **self.out,
+                             **self.kw, **extra)
+
+    def baseline(self, epilogue, reduce=None) -> None:
+        for x, residual in self.sets:
+            epilogue(x if reduce is None else reduce(x), residual, self.gamma)
+
+
+def _row(method, case, us, world, mode, strategy="-", moved=None, copy=None) -> dict:
+    return dict(method=method, pattern=case.pattern, hidden=case.hidden_dim,
+                tokens=case.num_tokens, dtype=str(case.dtype).removeprefix("torch."),
+                strategy=strategy, us=us, world_size=world, mode=mode,
+                roofline=None if moved is None else moved / copy / 1e3 / us)
+
+
+def world1_rows(args, dtype, copy: float) -> list[dict]:
+    """World size 1 on one GPU, every baseline in the same run."""
+    comm = InProcessGroup(1).backends()[0]
+    rows = []
+    with contextlib.ExitStack() as stack:
+        ws = stack.enter_context(create_allreduce_fusion_workspace(
+            "trtllm", world_size=1, rank=0, max_token_num=max(args.tokens),
+            hidden_dim=max(args.hidden), dtype=dtype, comm_backend=comm))
+        stack.enter_context(baselines.world1_group())
+        reducers = baselines.reducers()
+        for case in _shapes(args, dtype):
+            calls = _Calls(case, 0, args.calls)
+            moved = epilogue_bytes(case.pattern, case.num_tokens, case.hidden_dim,
+                                   dtype.itemsize)
+            us = time_graph(lambda c=calls: c.fused(ws), args.calls, args.replays)
+            rows.append(_row("arfusion", case, us, 1, "world-1", moved=moved, copy=copy))
+            epilogue = baselines.epilogue_fn(case.pattern, dtype, case.scale_factor)
+            try:
+                us = time_graph(lambda e=epilogue, c=calls: c.baseline(e), args.calls,
+                                args.replays)
+                rows.append(_row("torch.compile epilogue", case, us, 1, "world-1",
+                                 moved=moved, copy=copy))
+                for name, reduce in reducers.items():
+                    us = time_graph(lambda e=epilogue, r=reduce, c=calls: c.baseline(e, r),
+                                    args.calls, args.replays)
+                    rows.append(_row(f"{name} + compiled epilogue", case, us, 1, "world-1"))
+            except Exception as e:  # noqa: BLE001 - reported, then left out
+                print(f"baseline failed for {case.label()}: {type(e).__name__}: {e}")
+            src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            us = time_graph(lambda s=src, d=dst: d.copy_(s), 1, args.replays)
+            rows.append(_row("copy of the same bytes", case, us, 1, "world-1", moved=moved,
+                             copy=copy))
+    return rows
+
+
+def emulated_rows(args, dtype, backends, copy: float) -> list[dict]:
+    """N ranks as N streams of this process on one GPU, all in one CUDA graph."""
+    n = args.world_size
+    rows = []
+    for backend in backends:
+        wss = testing.run_ranks(n, lambda ctx, b=backend: create_allreduce_fusion_workspace(
+            b, world_size=n, rank=ctx.rank, max_token_num=max(args.tokens),
+            hidden_dim=max(args.hidden), dtype=dtype, comm_backend=ctx.comm,
+            force_oneshot_support=True), device="cuda:0")
+        for case in _shapes(args, dtype):
+            t, h = case.num_tokens, case.hidden_dim
+            ranks = [_Calls(case, r, args.calls) for r in range(n)]
+            for oneshot in (None, True, False):
+                if not wss[0].is_buffer_size_sufficient(n, t, h, dtype, oneshot):
+                    continue
+                for r in range(n):  # build the kernels first (nothing launches)
+                    with wss[r].compile_only():
+                        ranks[r].fused(wss[r], oneshot, first_only=True)
+                steps = [lambda c=ranks[r], w=wss[r], o=oneshot: c.fused(w, o)
+                         for r in range(n)]
+                us = time_ranks_graph(steps, args.calls, args.replays)
+                used = wss[0].picks_oneshot(t * h, oneshot)
+                moved = n * (epilogue_bytes(case.pattern, t, h, dtype.itemsize)
+                             + lamport_bytes(n, t, h, dtype.itemsize, used))
+                rows.append(_row(f"arfusion {backend} {STRATEGIES[oneshot]}", case, us, n,
+                                 "emulation", STRATEGIES[used], moved, copy))
+        testing.run_ranks(n, lambda ctx, w=wss: w[ctx.rank].destroy(), device="cuda:0")
+    return rows
+
+
+def process_rows(ctx: testing.RankContext, args, dtype, backends, mode: str) -> list[dict]:
+    """This rank's rows when every rank is a process (one GPU each, or MPS): arfusion
+    (symmetric memory or CUDA IPC, as `create_allreduce_fusion_workspace` picks), and
+    the NCCL baselines when each rank has its own GPU."""
+    rows = []
+    comm = ctx.comm if isinstance(ctx.comm, InProcessBackend) else None
+    for backend in backends:
+        with create_allreduce_fusion_workspace(
+                backend, world_size=ctx.world_size, rank=ctx.rank,
+                max_token_num=max(args.tokens), hidden_dim=max(args.hidden), dtype=dtype,
+                comm_backend=comm, force_oneshot_support=True) as ws:
+            for case in _shapes(args, dtype):
+                calls = _Calls(case, ctx.rank, args.calls)
+                for oneshot in (None, True, False):
+                    with ws.compile_only():
+                        calls.fused(ws, oneshot, first_only=True)
+                    us = time_graph(lambda o=oneshot, c=calls: c.fused(ws, o), args.calls,
+                                    args.replays, ctx)
+                    used = ws.picks_oneshot(case.num_tokens * case.hidden_dim, oneshot)
+                    rows.append(_row(f"arfusion {backend} {STRATEGIES[oneshot]}", case, us,
+                                     ctx.world_size, mode, STRATEGIES[used]))
+    if mode == "processes":
+        for case in _shapes(args, dtype):
+            calls = _Calls(case, ctx.rank, args.calls)
+            epilogue = baselines.epilogue_fn(case.pattern, dtype, case.scale_factor)
+            for name, reduce in baselines.reducers().items():
+                us = time_graph(lambda e=epilogue, r=reduce, c=calls: c.baseline(e, r),
+                                args.calls, args.replays, ctx)
+                rows.append(_row(f"{name} + compiled epilogue", case, us, ctx.world_size,
+                                 mode))
+    return rows
+
+
+def process_rank(rank: int, world: int, args, dtypes, backends, mode: str) -> dict:
+    """Entry point of a rank process (started by testing.run_processes)."""
+    stream = torch.cuda.Stream()
+    ctx = testing.RankContext(rank, world, TorchDistBackend(),
+                              torch.device("cuda", torch.cuda.current_device()), stream)
+    with torch.cuda.stream(stream):
+        rows = [r for dtype in dtypes for r in process_rows(ctx, args, dtype, backends, mode)]
+        tp = []
+        if args.tp_layer and mode == "processes":
+            tp = [dict(tp_block(ctx, *TP_SHAPE, dtypes[0], args.calls, args.replays, fused),
+                       method=method, world_size=world, mode=mode)
+                  for method, fused in (("arfusion", True), ("nccl + separate ops", False))]
+    return dict(rows=rows, tp=tp)
+
+
+def host_costs(dtype) -> dict:
+    """Eager host microseconds of one call (8 x 4096 kARResidualRMSNorm, world size 1)
+    next to a torch.add_ in the same process."""
+    comm = InProcessGroup(1).backends()[0]
+    with create_allreduce_fusion_workspace("trtllm", world_size=1, rank=0, max_token_num=8,
+                                           hidden_dim=4096, dtype=dtype,
+                                           comm_backend=comm) as ws:
+        case = _case(1, 8, 4096, dtype)
+        x, o, k = case.input(0, "cuda"), case_outputs(case, "cuda", False), \
+            case_kwargs(case, "cuda")
+        a = torch.ones(8, 4096, dtype=dtype, device="cuda")
+        return dict(allreduce_fusion=host_us(lambda: allreduce_fusion(x, ws, 1, **o, **k)),
+                    torch_add_=host_us(lambda: a.add_(a)))
+
+
+TP_SHAPE = (64, 4096)  # tokens, hidden of the TP block (intermediate 4 * hidden)
+# bf16 block vs the single-GPU model: sharded partial sums round differently, so a few
+# bf16 ulps (2^-8 relative) of difference are expected; anything larger is a bug.
+TP_TOLERANCE = 2e-2
+
+
+def tp_block(ctx: testing.RankContext, t: int, h: int, dtype, calls: int, replays: int,
+             fused: bool) -> dict:
+    """Row-parallel down projection, all-reduce + residual + RMSNorm (arfusion fused, or
+    NCCL then a compiled norm), column-parallel up projection; checked against the
+    single-GPU model and timed as a CUDA graph."""
+    import torch.distributed as dist
+
+    n, inter = ctx.world_size, 4 * h
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(t, inter, generator=g, device="cuda").to(dtype)
+    w_down = (torch.randn(inter, h, generator=g, device="cuda") / inter**0.5).to(dtype)
+    w_up = (torch.randn(h, inter, generator=g, device="cuda") / h**0.5).to(dtype)
+    residual = torch.randn(t, h, generator=g, device="cuda").to(dtype)
+    gamma = torch.rand(h, generator=g, device="cuda").to(dtype) + 0.5
+    shard = slice(ctx.rank * inter // n, (ctx.rank + 1) * inter // n)
+    a_r, wd_r, wu_r = a[:, shard], w_down[shard], w_up[:, shard]
+    with contextlib.ExitStack() as stack:
+        if fused:
+            comm = ctx.comm if isinstance(ctx.comm, InProcessBackend) else None
+            ws = stack.enter_context(create_allreduce_fusion_workspace(
+                "trtllm", world_size=n, rank=ctx.rank, max_token_num=t, hidden_dim=h,
+                dtype=dtype, comm_backend=comm))
+            res_out, norm_out = torch.empty_like(residual), torch.empty_like(residual)
+
+            def middle(y):
+                allreduce_fusion(y, ws, 1, residual_out=res_out, norm_out=norm_out,
+                                 residual_in=residual, rms_gamma=gamma)
+                return norm_out
+        else:
+            norm = torch.compile(lambda y: reference.rms_norm(
+                (y.float() + residual.float()).to(dtype), gamma, 1e-6), fullgraph=True,
+                dynamic=False)
+
+            def middle(y):
+                dist.all_reduce(y)
+                return norm(y)
+
+        def block():
+            return middle(a_r @ wd_r) @ wu_r
+
+        ctx.comm.barrier()
+        got = block()
+        ctx.stream.synchronize()
+        want = reference.rms_norm((a @ w_down).float().add(residual.float()).to(dtype), gamma,
+                                  1e-6) @ wu_r
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        us = time_graph(lambda: [block() for _ in range(calls)], calls, replays, ctx)
+    return dict(rel_err=err, us=us)

@@ -1,0 +1,130 @@
+"""How the bench measures: CUDA-graph medians, one rank or every rank in one graph, host
+cost, copy bandwidth, and the bytes each strategy must move (the roofline)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from .. import testing
+from ..patterns import PATTERNS, Quant
+
+WARMUP_REPLAYS = 3
+
+
+def _median_replay_us(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, calls: int,
+                      replays: int, before: Callable[[], None] = lambda: None) -> float:
+    times = []
+    for _ in range(replays + WARMUP_REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream.synchronize()
+        before()
+        start.record(stream)
+        graph.replay()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times[WARMUP_REPLAYS:])
+
+
+def time_graph(step: Callable[[], None], calls: int, replays: int,
+               ctx: testing.RankContext | None = None) -> float:
+    """Median microseconds per call of `step` (which issues `calls` calls), replayed as
+    a CUDA graph; with `ctx` (one process per rank), every rank captures its own graph
+    and the ranks meet before each replay."""
+    if ctx is None:
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return _median_replay_us(graph, torch.cuda.current_stream(), calls, replays)
+    graph = testing.capture_graph(ctx, step)
+    us = _median_replay_us(graph, ctx.stream, calls, replays, ctx.comm.barrier)
+    del graph
+    ctx.comm.barrier()
+    return us
+
+
+def time_ranks_graph(steps: list[Callable[[], None]], calls: int, replays: int) -> float:
+    """Every rank of this process in ONE CUDA graph: rank r's `steps[r]` (its `calls`
+    calls) on its own stream, forked from and joined to the capturing stream with
+    events. Replays run the ranks with no launch skew; returns the median us per call
+    (the graph's time, i.e. the slowest rank's, over `calls`)."""
+    main = torch.cuda.Stream()
+    streams = [torch.cuda.Stream() for _ in steps]
+
+    def issue() -> None:
+        fork = torch.cuda.Event()
+        fork.record(main)
+        joins = []
+        for stream, step in zip(streams, steps, strict=True):
+            stream.wait_event(fork)
+            with torch.cuda.stream(stream):
+                step()
+            done = torch.cuda.Event()
+            done.record(stream)
+            joins.append(done)
+        for done in joins:
+            main.wait_event(done)
+
+    with torch.cuda.stream(main):
+        issue()  # eager once: every rank's kernels run concurrently on their streams
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=main):
+        issue()
+    us = _median_replay_us(graph, main, calls, replays)
+    del graph
+    return us
+
+
+def host_us(fn: Callable[[], object], n: int = 2000) -> float:
+    """Host microseconds per eager call of `fn` (the device is kept busy enough not to
+    throttle the host: it is synchronised only at the ends)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def copy_gbps(nbytes: int = 1 << 30, replays: int = 20) -> float:
+    """Device-to-device copy bandwidth, bytes read plus bytes written, GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_graph(lambda: dst.copy_(src), 1, replays)
+    return 2 * nbytes / us / 1e3
+
+
+def epilogue_bytes(pattern: int, t: int, h: int, itemsize: int) -> int:
+    """Bytes the pattern must read and write besides the exchange: x, and residual_in,
+    residual_out, norm_out, quantised output and scales as the pattern has them (output
+    for kAllReduce)."""
+    traits = PATTERNS[pattern]
+    e = t * h
+    moved = 2 * e * itemsize  # read x; write output (kAllReduce) or residual_out
+    if traits.norm:
+        moved += e * itemsize  # residual_in
+    if traits.norm_out:
+        moved += e * itemsize
+    moved += {Quant.NONE: 0, Quant.FP8: e, Quant.DYNAMIC_FP8: e + 4 * t,
+              Quant.NVFP4: e // 2 + e // 16}[traits.quant]
+    return moved
+
+
+def lamport_bytes(world: int, t: int, h: int, itemsize: int, oneshot: bool) -> int:
+    """Bytes the exchange adds per rank (local HBM traffic when ranks share a GPU).
+    One-shot: write N copies, poll-read N slots, clear N slots: 3*N*E. Two-shot:
+    scatter-write E, reduce-read E, gather-write E, gather-read E, clear 2E: 6*E."""
+    if world == 1:
+        return 0
+    e = t * h * itemsize
+    return 3 * world * e if oneshot else 6 * e
