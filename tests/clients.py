@@ -30,7 +30,7 @@ import torch
 from arfusion import AllReduceFusionPattern as P
 from arfusion import allreduce_fusion, reference
 from arfusion.patterns import NVFP4_BLOCK, PATTERNS, Quant, sf_size
-from arfusion.testing import Case, check_outputs, digest
+from arfusion.testing import Case, check_outputs, digest, poison
 
 VLLM_ONESHOT_MAX_MB = {2: 32, 4: 2, 8: 0.5}  # vLLM's table for compute capability 9.0
 VLLM_PDL_ADVANCE_TOKENS = 16
@@ -87,7 +87,9 @@ def _standard(got: dict, case: Case) -> dict:
         out["scale_out"] = flat(s)[: 4 * t].view(torch.float32).reshape(t, 1)
     if quant == Quant.NVFP4:
         out["quant_out"] = flat(q)[: t * h // 2].reshape(t, h // 2)
-        out["scale_out"] = flat(s)
+        # Padding bytes are unspecified: keep only the scales (for digests across ranks).
+        scales = reference.read_scales(s, t, h, case.layout_code).to(torch.float8_e4m3fn)
+        out["scale_out"] = reference.scatter_scales(scales.view(torch.uint8), case.layout_code)
     return out
 
 
@@ -136,11 +138,11 @@ def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact, meet=_dire
                                                          device=device)
         quant_out = scale_out = None
         if quant == Quant.FP8:
-            quant_out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
+            quant_out = poison(torch.empty(shape, dtype=torch.float8_e4m3fn, device=device))
         elif quant == Quant.NVFP4:
-            quant_out = torch.empty(t, h // 2, dtype=torch.uint8, device=device)
+            quant_out = poison(torch.empty(t, h // 2, dtype=torch.uint8, device=device))
             rows, cols = -(-t // 128) * 128, -(-(h // 16) // 4)
-            scale_out = torch.empty(rows, cols, dtype=torch.int32, device=device).view(
+            scale_out = poison(torch.empty(rows, cols, dtype=torch.int32, device=device)).view(
                 torch.float8_e4m3fn)
         meet(functools.partial(
             vllm_fused_allreduce_norm, ws, x, residual, kw["rms_gamma"], pattern,

@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", help="of bf16, fp16, fp32")
     p.add_argument("--hidden", type=_int_list, default=[4096, 8192])
     p.add_argument("--tokens", type=_int_list, default=[1, 16, 128, 512, 2048, 8192])
+    p.add_argument("--emulate", type=_int_list, default=None,
+                   help="world sizes of the one-GPU N-rank rows (default: --world-size)")
     p.add_argument("--emulation-tokens", type=_int_list, default=None,
                    help="tokens for the N-rank rows (default: --tokens)")
     p.add_argument("--backends", default="trtllm,mnnvl")
@@ -79,10 +81,11 @@ def _one_gpu(args, dtypes, backends, copy: float) -> tuple[list[dict], list[dict
     rows, tp = [], []
     for dtype in dtypes:
         rows += runs.world1_rows(args, dtype, copy)
-        if args.world_size > 1:
-            emu = argparse.Namespace(**{**vars(args),
-                                        "tokens": args.emulation_tokens or args.tokens})
-            rows += runs.emulated_rows(emu, dtype, backends, copy)
+        for world in args.emulate or [args.world_size]:
+            if world > 1:
+                emu = argparse.Namespace(**{**vars(args), "world_size": world,
+                                            "tokens": args.emulation_tokens or args.tokens})
+                rows += runs.emulated_rows(emu, dtype, backends, copy)
     if args.tp_layer:
         block = (*runs.TP_SHAPE, dtypes[0], args.calls, args.replays)
         fused = testing.run_ranks(1, runs.tp_block, *block, True, device="cuda:0")[0]

@@ -4,6 +4,7 @@ rewrites heuristics.ONESHOT_MAX_BYTES from measured rows."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import re
 from pathlib import Path
@@ -57,12 +58,12 @@ def markdown(header: dict, rows: list[dict], extras: dict) -> str:
              f"Copy bandwidth (device to device, read + write): {extras['copy_GBps']:.0f} GB/s. "
              "Cells: median us per call (max over ranks) [share of the memory roofline: the "
              "time a copy of the bytes the call must move takes, over the measured time].", ""]
-    for mode, title in TITLES.items():
-        part = [r for r in rows if r["mode"] == mode]
+    for (mode, title), n in itertools.product(TITLES.items(), sorted({r["world_size"]
+                                                                     for r in rows})):
+        part = [r for r in rows if r["mode"] == mode and r["world_size"] == n]
         if not part:
             continue
         methods = sorted({r["method"] for r in part})
-        n = part[0]["world_size"]
         lines += [f"#### {title.format(n=n)}", "",
                   "| pattern | dtype | hidden | tokens | " + " | ".join(methods) + " |",
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
