@@ -143,7 +143,10 @@ def main(args: argparse.Namespace) -> int:
     (out / "bench.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps(dict(header=header, rows=rows, extras=extras),
                                                indent=1))
-    report.plot(rows, out / "bench.png")
+    try:
+        report.plot(rows, out / "bench.png")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'arfusion[bench]')")
     print(md)
     bad_tp = [r for r in tp if not r["rel_err"] < runs.TP_TOLERANCE]
     for r in bad_tp:
