@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -110,6 +111,10 @@ def main(args: argparse.Namespace) -> int:
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
     backends = args.backends.split(",")
     gc.disable()  # graphs are freed explicitly (a collection mid-capture is not allowed)
+    # Emulated ranks are streams of one process: give every stream its own hardware
+    # queue (the default 8 can put two ranks' streams behind each other). Only takes
+    # effect before this process creates its CUDA context.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     if args.mps:
         # Before this process touches CUDA: the rank processes must be MPS clients.
         with testing.mps_daemon() as running:

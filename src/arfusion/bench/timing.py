@@ -49,35 +49,39 @@ def time_graph(step: Callable[[], None], calls: int, replays: int,
     return us
 
 
-def time_ranks_graph(steps: list[Callable[[], None]], calls: int, replays: int) -> float:
-    """Every rank of this process in ONE CUDA graph: rank r's `steps[r]` (its `calls`
-    calls) on its own stream, forked from and joined to the capturing stream with
-    events. Replays run the ranks with no launch skew; returns the median us per call
-    (the graph's time, i.e. the slowest rank's, over `calls`)."""
+def time_ranks_graph(calls_by_rank: list[list[Callable[[], None]]], replays: int,
+                     check: Callable[[], None] = lambda: None) -> float:
+    """Every rank of this process in ONE CUDA graph: rank r's calls
+    (`calls_by_rank[r]`) on its own stream, forked from and joined to the capturing
+    stream with events, issued call by call across the ranks (so that streams sharing
+    a hardware queue never hold one rank's call behind another call of the same rank).
+    Replays run the ranks with no launch skew; returns the median us per call (the
+    graph's time, i.e. the slowest rank's, over the calls per rank)."""
     main = torch.cuda.Stream()
-    streams = [torch.cuda.Stream() for _ in steps]
+    streams = [torch.cuda.Stream() for _ in calls_by_rank]
 
     def issue() -> None:
         fork = torch.cuda.Event()
         fork.record(main)
-        joins = []
-        for stream, step in zip(streams, steps, strict=True):
+        for stream in streams:
             stream.wait_event(fork)
-            with torch.cuda.stream(stream):
-                step()
+        for batch in zip(*calls_by_rank, strict=True):
+            for stream, call in zip(streams, batch, strict=True):
+                with torch.cuda.stream(stream):
+                    call()
+        for stream in streams:
             done = torch.cuda.Event()
             done.record(stream)
-            joins.append(done)
-        for done in joins:
             main.wait_event(done)
 
     with torch.cuda.stream(main):
         issue()  # eager once: every rank's kernels run concurrently on their streams
     torch.cuda.synchronize()
+    check()  # a stalled eager run must not be captured
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=main):
         issue()
-    us = _median_replay_us(graph, main, calls, replays)
+    us = _median_replay_us(graph, main, len(calls_by_rank[0]), replays)
     del graph
     return us
 
