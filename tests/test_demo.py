@@ -46,3 +46,12 @@ def test_version_and_legend():
     assert run.returncode == 0, run.stderr
     assert "bfloat16: 1 calls checked on 2 ranks" in run.stdout
     assert "ulp        largest norm_out distance" in run.stdout
+
+
+def test_torchrun_example_runs_as_written():
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "examples/torchrun_example.py"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}/2: backend torch, residual_out bit-exact: True" in proc.stdout

@@ -169,3 +169,15 @@ def test_numpy_pattern_none_defaults_and_moe_none_are_accepted():
         assert torch.equal(got, want)
         assert ws.is_buffer_size_sufficient(1, 4, 16, torch.float16)
         assert not ws.is_buffer_size_sufficient(1, 4, 16, torch.float32)
+
+
+def test_mpi_is_the_rendezvous_under_an_mpi_launcher(monkeypatch):
+    from arfusion import memory
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    made = []
+    monkeypatch.setattr(memory, "MPIBackend", lambda: made.append(1) or "mpi")
+    assert memory.default_comm(2, None, None) == "mpi" and made == [1]
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    with pytest.raises(ValueError, match="MPI launcher"):
+        memory.default_comm(2, None, None)

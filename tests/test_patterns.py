@@ -27,7 +27,7 @@ def test_traits_table():
         assert (t.quant, t.norm_out, t.norm, t.returns) == (quant, out, True, "quant_out")
 
 
-# (m, k, K) -> byte offset, derived by hand from the SPEC formulas.
+# (m, k, K) -> byte offset, derived by hand from the formulas of docs/contract.md.
 HAND_128x4 = [((0, 0, 8), 0), ((1, 0, 8), 16), ((32, 0, 8), 4), ((0, 1, 8), 1),
               ((0, 4, 8), 512), ((128, 0, 8), 1024), ((33, 5, 8), 533),
               ((127, 7, 8), 1023), ((130, 2, 5), 1024 + 2 * 16 + 2), ((5, 4, 5), 512 + 80)]

@@ -1,4 +1,4 @@
-"""arfusion.reference: the numerics of SPEC.md, edge cases included."""
+"""arfusion.reference: the numerics of docs/contract.md, edge cases included."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The numerics of SPEC.md in plain torch: the oracle every backend is checked against.
+"""The numerics of docs/contract.md in plain torch: the oracle every backend is checked against.
 
 Runs on CPU and CUDA tensors alike and gives the same bits on both: every step is a
 single correctly rounded fp32 operation (add, multiply, divide, sqrt), and every
@@ -13,9 +13,8 @@ Unfused equivalent of one call, per rank r of N::
     n = cast(h * (1 / sqrt(mean(h^2) + eps)) * (gamma + weight_bias))
     quant_out, scale_out = quantise(n)             # FP8, NVFP4 or dynamic FP8
 
-The sum starts from +0.0, so a sum of zeros is +0.0 whatever their signs: the
-one-shot kernels send an input's -0.0 as +0.0 (-0.0 is their "not yet written"
-mark) and this makes that invisible.
+The sum starts from +0.0, so a sum of zeros is +0.0 whatever their signs, at
+every world size (the world-size-1 kernel adds its input to +0.0 too).
 """
 
 from __future__ import annotations

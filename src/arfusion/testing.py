@@ -9,7 +9,7 @@
 - `Case` draws a call's inputs reproducibly, so every rank can rebuild every
   other rank's input and compute the reference locally.
 - `check_outputs` compares one rank's outputs with `arfusion.reference` by the
-  rules of SPEC.md: output and residual_out bit-exact, norm_out within 1 ulp
+  rules of docs/contract.md: output and residual_out bit-exact, norm_out within 1 ulp
   (16-bit) or 32 ulp (fp32), quantised bytes equal except where the reference
   value is within 1 ulp of a rounding boundary (counted).
 

@@ -116,9 +116,10 @@ def world1_rows(args, dtype, copy: float) -> list[dict]:
                     rows.append(_row(f"{name} + compiled epilogue", case, us, 1, "world-1"))
             except Exception as e:  # noqa: BLE001 - reported, then left out
                 print(f"baseline failed for {case.label()}: {type(e).__name__}: {e}")
-            src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+            src = torch.empty(-(-moved // 16), dtype=torch.int64, device="cuda")
             dst = torch.empty_like(src)
-            us = time_graph(lambda s=src, d=dst: d.copy_(s), 1, args.replays)
+            us = time_graph(lambda s=src, d=dst: [d.copy_(s) for _ in range(args.calls)],
+                            args.calls, args.replays)
             rows.append(_row("copy of the same bytes", case, us, 1, "world-1", moved=moved,
                              copy=copy))
     return rows

@@ -1,6 +1,6 @@
 """The epilogue both strategies share: residual add, RMSNorm, FP8 / NVFP4 / dynamic FP8.
 
-Numerics follow SPEC.md step by step, each a single correctly rounded fp32
+Numerics follow docs/contract.md step by step, each a single correctly rounded fp32
 operation in the reference's order: divisions and the square root use
 `div_rn`/`sqrt_rn` (Triton's `/` is approximate) and kernels are compiled
 without FMA contraction, so the only differences from `arfusion.reference` are
