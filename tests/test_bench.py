@@ -28,7 +28,7 @@ def test_markdown_lists_every_method_and_labels_emulation():
             _row("nccl + compiled epilogue", 1, 30.0, world=1, mode="world-1")]
     rows[0]["roofline"] = 0.5
     md = bench._markdown(HEADER, rows, {"copy_GBps": 3000.0})
-    assert "emulation: the exchange is local HBM traffic, not NVLink" in md
+    assert "(emulation: the exchange is local HBM traffic, not NVLink)" in md
     assert "world size 1 on one GPU" in md and "3000 GB/s" in md
     assert "| kARResidualRMSNorm | bfloat16 | 4096 | 1 | 10.0 [50%] | 20.0 |" in md
 

@@ -9,8 +9,9 @@ in the same run on the same card.
 Modes (runs.py), by where the ranks are:
 - world size 1 on one GPU, always: arfusion's local kernel vs the compiled epilogue,
   NCCL / symmetric memory + that epilogue, a copy of the same bytes;
-- one GPU, N > 1 (default): N ranks as N streams of this process, all in ONE CUDA
-  graph (no launch skew); the exchange is local HBM traffic, so the roofline is HBM's;
+- one GPU, N > 1 (default): N ranks as N streams of this process, each rank's calls a
+  graph, all N graphs launched back to back from one thread (no thread skew); the
+  exchange is local HBM traffic, so the roofline is HBM's;
 - `--mps`: N processes on one GPU under the CUDA Multi-Process Service (started and
   stopped here), CUDA IPC between them: the real deployment path, but not NVLink;
 - as many GPUs as ranks (or `--processes`): one process per GPU over NCCL.

@@ -18,8 +18,8 @@ from .runs import TP_SHAPE
 TITLES = {
     "processes": "{n} processes, one GPU each",
     "mps": "{n} processes on one GPU under MPS (CUDA IPC between them; not NVLink)",
-    "emulation": "{n} ranks as streams of one process on one GPU, one CUDA graph "
-                 "(emulation: the exchange is local HBM traffic, not NVLink)",
+    "emulation": "{n} ranks as streams of one process on one GPU, graphs launched "
+                 "together (emulation: the exchange is local HBM traffic, not NVLink)",
     "world-1": "world size 1 on one GPU, with baselines",
 }
 

@@ -3,7 +3,7 @@
 - `world1_rows`: one rank on one GPU: arfusion's local kernel against the compiled
   epilogue, NCCL / symmetric memory + that epilogue, and a copy of the same bytes.
 - `emulated_rows`: N ranks as N streams of this process on one GPU, every rank's
-  calls in ONE CUDA graph (no launch skew); their exchange is local HBM traffic.
+  graph launched from one thread (no thread skew); their exchange is local HBM traffic.
 - `process_rows`: one process per rank (one GPU each over NCCL and symmetric
   memory, or several on one GPU under MPS over CUDA IPC), max over ranks.
 - `tp_block`: a tensor-parallel block around the fused call, checked and timed.
@@ -140,7 +140,7 @@ EMULATION_TIMEOUT_S = 10.0  # a stalled emulated row costs this, not the default
 
 
 def emulated_rows(args, dtype, backends, copy: float) -> list[dict]:
-    """N ranks as N streams of this process on one GPU, all in one CUDA graph. A row
+    """N ranks as N streams of this process on one GPU (timing.time_ranks_graph). A row
     whose ranks stall is reported and left out (its workspaces are recreated)."""
     n = args.world_size
     rows = []

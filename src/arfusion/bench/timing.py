@@ -15,7 +15,7 @@ from ..patterns import PATTERNS, Quant
 WARMUP_REPLAYS = 3
 
 
-def _median_replay_us(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, calls: int,
+def _median_replay_us(graph, stream: torch.cuda.Stream, calls: int,
                       replays: int, before: Callable[[], None] = lambda: None) -> float:
     times = []
     for _ in range(replays + WARMUP_REPLAYS):
@@ -51,38 +51,60 @@ def time_graph(step: Callable[[], None], calls: int, replays: int,
 
 def time_ranks_graph(calls_by_rank: list[list[Callable[[], None]]], replays: int,
                      check: Callable[[], None] = lambda: None) -> float:
-    """Every rank of this process in ONE CUDA graph: rank r's calls
-    (`calls_by_rank[r]`) on its own stream, forked from and joined to the capturing
-    stream with events, issued call by call across the ranks (so that streams sharing
-    a hardware queue never hold one rank's call behind another call of the same rank).
-    Replays run the ranks with no launch skew; returns the median us per call (the
-    graph's time, i.e. the slowest rank's, over the calls per rank)."""
+    """Every rank of this process at once: rank r's calls (`calls_by_rank[r]`) are
+    captured into a graph of their own on rank r's stream, and a replay launches all N
+    graphs back to back from this thread between a fork and a join event (a few us of
+    skew between ranks, no thread scheduling). Returns the median us per call of the
+    whole (fork to join, over the calls per rank).
+
+    One graph holding every rank as a branch was tried first and stalls: CUDA does not
+    promise that independent branches run at the same time, and a rank that waits for
+    a peer serialised behind it never finishes. Separate launches on separate streams
+    (as the eager warm-up below, issued call by call across the ranks) do run together.
+    """
     main = torch.cuda.Stream()
     streams = [torch.cuda.Stream() for _ in calls_by_rank]
 
-    def issue() -> None:
+    def fork_join(body: Callable[[], None]) -> None:
         fork = torch.cuda.Event()
         fork.record(main)
         for stream in streams:
             stream.wait_event(fork)
-        for batch in zip(*calls_by_rank, strict=True):
-            for stream, call in zip(streams, batch, strict=True):
-                with torch.cuda.stream(stream):
-                    call()
+        body()
         for stream in streams:
             done = torch.cuda.Event()
             done.record(stream)
             main.wait_event(done)
 
+    def eager() -> None:
+        for batch in zip(*calls_by_rank, strict=True):
+            for stream, call in zip(streams, batch, strict=True):
+                with torch.cuda.stream(stream):
+                    call()
+
     with torch.cuda.stream(main):
-        issue()  # eager once: every rank's kernels run concurrently on their streams
+        fork_join(eager)  # every rank's kernels run concurrently on their streams
     torch.cuda.synchronize()
     check()  # a stalled eager run must not be captured
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=main):
-        issue()
-    us = _median_replay_us(graph, main, len(calls_by_rank[0]), replays)
-    del graph
+    graphs = []
+    for stream, calls in zip(streams, calls_by_rank, strict=True):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for call in calls:
+                call()
+        graphs.append(graph)
+
+    def replay_all() -> None:
+        for stream, graph in zip(streams, graphs, strict=True):
+            with torch.cuda.stream(stream):
+                graph.replay()
+
+    class _AllRanks:  # what _median_replay_us replays
+        def replay(self) -> None:
+            fork_join(replay_all)
+
+    torch.cuda.synchronize()
+    us = _median_replay_us(_AllRanks(), main, len(calls_by_rank[0]), replays)
     check()  # a replay that stalled leaves the workspaces aborted: its time means nothing
     return us
 
