@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU suite, for the device machine: `bash scripts/gpu_suite.sh [pytest args]`.
+# The MPS tests (one process per rank on one GPU) are left out until they have run green:
+# `bash scripts/gpu_suite.sh -m mps` runs only them.
 # Writes the log and JUnit XML under $OUT (or /tmp/arfusion-gpu) and prints a short
 # table last. Triton's cache lives in .triton-cache (carry it to skip recompiling).
 set -uo pipefail
@@ -11,7 +13,7 @@ mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -m pytest tests/gpu -p no:cacheprovider -q -rA --tb=short --junitxml="$OUT/gpu.xml" \
-    "$@" 2>&1 | tee "$OUT/gpu.log"
+    -m "not mps" "$@" 2>&1 | tee "$OUT/gpu.log"
 status=${PIPESTATUS[0]}
 tar -czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
 echo "== GPU suite summary =="
