@@ -136,7 +136,7 @@ class Launcher:
                    kernel.packed_metadata, None, None, None, *args, *prep.consts)
 
     def _first(self, call: FusionCall, oneshot: bool, timeout_s: float,
-               tensors: list[torch.Tensor]) -> Prepared | None:
+               tensors: list[torch.Tensor]) -> Prepared:
         """Through Triton's JIT: compile (and load) the variant; launch it unless
         `compile_only`. Returns what later launches reuse."""
         res, x, traits = self.res, call.input, call.traits
@@ -146,8 +146,7 @@ class Launcher:
         # At least two elements per thread: no lane holds a replicated copy of another's.
         num_warps = min(16, max(1, block // 256))
         sf = call.scale_factor
-        scalars = [1.0 if sf is None or isinstance(sf, torch.Tensor) else sf, call.rms_eps,
-                   call.weight_bias, t, h]
+        scalars = [sf if sf.__class__ is float else 1.0, call.rms_eps, call.weight_bias, t, h]
         consts = dict(
             NORM=traits.norm, WRITE_OUTPUT=call.plan.write_output, WRITE_NORM=traits.norm_out,
             QUANT=int(traits.quant), LAYOUT=call.layout_code if traits.quant == Quant.NVFP4
