@@ -261,3 +261,15 @@ def run_scenarios(ws, rank: int, world: int, device, seed: int, exact: bool,
 
 def _other_16bit(dtype: torch.dtype) -> torch.dtype | None:
     return {torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}.get(dtype)
+
+
+def assert_ranks_agree(by_rank: list[list[tuple]]) -> None:
+    """Every (label, ok, problems, digest) row passed on every rank with the same bits."""
+    failures = []
+    for i, (label, _, _, dig) in enumerate(by_rank[0]):
+        for rank, results in enumerate(by_rank):
+            if not results[i][1]:
+                failures.append(f"rank {rank} {label}: {results[i][2]}")
+            if results[i][3] != dig:
+                failures.append(f"{label}: rank {rank} got other bits")
+    assert not failures, "\n".join(failures[:20])

@@ -38,11 +38,4 @@ def _clients_rank(ctx, backend):
 @pytest.mark.parametrize("backend", ["trtllm", "mnnvl"])
 def test_client_call_sequences_on_gpu(world_size, backend):
     by_rank = run_ranks(world_size, _clients_rank, backend, device=CUDA)
-    failures = []
-    for i, (label, _, _, dig) in enumerate(by_rank[0]):
-        for rank, results in enumerate(by_rank):
-            if not results[i][1]:
-                failures.append(f"rank {rank} {label}: {results[i][2]}")
-            if results[i][3] != dig:
-                failures.append(f"{label}: rank {rank} got other bits")
-    assert not failures, "\n".join(failures[:20])
+    clients.assert_ranks_agree(by_rank)

@@ -56,11 +56,4 @@ def _rank(rank: int, world: int, backend: str) -> list:
 @pytest.mark.parametrize("backend", ["trtllm", "mnnvl"])
 def test_client_sequences_one_process_per_rank_under_mps(mps, world, backend):
     by_rank = run_processes(world, _rank, backend, backend="gloo", timeout_s=900)
-    failures = []
-    for i, (label, _, _, dig) in enumerate(by_rank[0]):
-        for rank, results in enumerate(by_rank):
-            if not results[i][1]:
-                failures.append(f"rank {rank} {label}: {results[i][2]}")
-            if results[i][3] != dig:
-                failures.append(f"{label}: rank {rank} got other bits")
-    assert not failures, "\n".join(failures[:20])
+    clients.assert_ranks_agree(by_rank)
