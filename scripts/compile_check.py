@@ -37,13 +37,13 @@ def signature(dt: str, quant: Quant, scale_from_ptr: bool) -> dict[str, str]:
         "residual_in_ptr": f"*{fdt}", "residual_out_ptr": f"*{fdt}", "gamma_ptr": f"*{fdt}",
         "norm_out_ptr": f"*{fdt}", "quant_ptr": f"*{qdt}", "scale_out_ptr": f"*{sdt}",
         "scale_ptr": "*fp32", "scale_value": "fp32", "eps": "fp32", "weight_bias": "fp32",
-        "T": "i32", "H": "i32", "rank": "i32", "world_size": "i32", "buf_stride": "i32",
+        "T": "i32", "H": "i32", "rank": "i32", "buf_stride": "i32",
         "slot_stride": "i32", "chunk": "i32", "timeout_us": "i32",
     }
 
 
 def compile_one(kernel, dt, pattern, write_output, layout, block, chunks, pdl, trigger,
-                hidden_one=False):
+                hidden_one=False, world=4):
     traits = PATTERNS[pattern]
     generic = signature(dt, traits.quant, False)
     # What Triton's launcher specialises for real tensors: 16-byte aligned pointers and
@@ -56,9 +56,11 @@ def compile_one(kernel, dt, pattern, write_output, layout, block, chunks, pdl, t
                  WRITE_NORM=traits.norm_out, QUANT=int(traits.quant), LAYOUT=layout,
                  SCALE_FROM_PTR=False, BLOCK=block, NUM_CHUNKS=chunks,
                  PUSH_BLOCK=warps * 32 * (16 // DT[dt][2]), CANON=CANONICAL_NAN_BITS[DT[dt][2]],
-                 USE_PDL=pdl, TRIGGER_AT_END=trigger)
+                 USE_PDL=pdl, TRIGGER_AT_END=trigger, WORLD=world, SIG_MISC=pattern,
+                 HDR_TILE=triton.next_power_of_2(world) * 16)
     if kernel is local_kernel:
-        del const["PUSH_BLOCK"], const["CANON"]
+        for name in ("PUSH_BLOCK", "CANON", "WORLD", "SIG_MISC", "HDR_TILE"):
+            del const[name]
     if hidden_one:  # Triton turns an int argument equal to 1 into a constant
         const["H"] = 1
     for k in const:
@@ -74,6 +76,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--patterns", default=",".join(str(p) for p in PATTERNS))
     ap.add_argument("--ptx", metavar="DIR", help="also write each variant's PTX here")
+    ap.add_argument("--world", type=int, default=4, help="world size of the Lamport kernels")
     args = ap.parse_args()
     patterns = [int(p) for p in args.patterns.split(",")]
     blocks = [(64, 1), (8192, 2)] if args.quick else [(64, 1), (4096, 1), (8192, 1), (8192, 2)]
@@ -86,7 +89,7 @@ def main() -> int:
         start = time.time()
         try:
             k = compile_one(kernel, dt, pattern, True, 0, block, max(chunks, 1), True, False,
-                            hidden_one=chunks == 0)
+                            hidden_one=chunks == 0, world=args.world)
             ptx = k.asm["ptx"]
             if args.ptx:
                 name = f"{kernel.fn.__name__}-{dt}-p{pattern}-{block}x{chunks}.ptx"

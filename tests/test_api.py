@@ -246,3 +246,27 @@ def test_import_needs_neither_triton_nor_cuda_python():
 def test_custom_op_is_registered_with_a_schema():
     schema = str(torch.ops.arfusion.allreduce_fusion_.default._schema)
     assert "Tensor(a5!)? output" in schema and "Tensor? residual_in" in schema
+
+
+def test_precompile_examples_are_valid_calls_of_every_variant(monkeypatch):
+    """What precompile issues under compile_only: a valid call per variant (run here for
+    real on the CPU torch backend), every pattern, PDL with either trigger, a float and
+    a tensor scale for the static-quant patterns, both strategies where they fit."""
+    from arfusion.patterns import PATTERNS
+    from arfusion.precompile import example_calls
+
+    monkeypatch.setenv("ARFUSION_PRECOMPILE", "1")  # the opt-in at creation
+    with create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=4,
+                                           hidden_dim=64, dtype=torch.bfloat16) as ws:
+        calls = example_calls(ws)
+        static_quant = [2, 3, 4, 5]
+        assert len(calls) == 3 * len(PATTERNS) + 3 * len(static_quant)
+        assert {c["pattern"] for c in calls} == set(PATTERNS)
+        assert {(c["launch_with_pdl"], c["trigger_completion_at_end"]) for c in calls} == \
+            {(False, True), (True, True), (True, False)}
+        for kw in calls:
+            allreduce_fusion(workspace=ws, **kw)
+        assert ws.precompile() == 0  # no kernels of its own
+        narrow = example_calls(ws, patterns=[0, 3], launch_with_pdl=(True,),
+                               dtypes=[torch.float16, torch.bfloat16])
+        assert len(narrow) == 2 * (2 + 2 * 2)  # dtypes x (kAllReduce, NVFP4 x 2 scales) x 2

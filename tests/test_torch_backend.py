@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from arfusion import create_allreduce_fusion_workspace
-from arfusion.patterns import PATTERNS, Quant
-from arfusion.testing import Case, pattern_supports, run_case, run_processes, run_ranks
+from arfusion.patterns import PATTERNS, Quant, pattern_supports
+from arfusion.testing import Case, run_case, run_processes, run_ranks
 
 SHAPES = [(1, 16), (3, 17), (1, 1), (7, 2880), (300, 64), (2, 5120), (5, 7168), (1, 8192),
           (33, 1000), (130, 48)]

@@ -1,5 +1,6 @@
 """The public functions: `create_allreduce_fusion_workspace` and `allreduce_fusion`."""
 
+import os
 from typing import Any, Literal
 
 import torch
@@ -9,6 +10,8 @@ from .backends import BACKENDS, workspace_class
 from .comm import CommBackend
 from .validation import FusionCall, reject_moe, validate_call
 from .workspace import LIVE_WORKSPACES, AllReduceFusionWorkspace
+
+PRECOMPILE_ENV = "ARFUSION_PRECOMPILE"
 
 
 def create_allreduce_fusion_workspace(
@@ -29,6 +32,10 @@ def create_allreduce_fusion_workspace(
     can be reused for any shape with `num_tokens * hidden_dim` up to that (check with
     `workspace.is_buffer_size_sufficient`). `backend="auto"` picks `trtllm` or `mnnvl`
     by topology checks and measured heuristics; `"torch"` must be asked for.
+
+    With the environment variable ARFUSION_PRECOMPILE=1 (an opt-in that needs no code
+    change in the client), the workspace builds the kernel variants its calls may
+    need before it is returned (`workspace.precompile()`), not on first use of each.
 
     Raises ValueError if no backend can serve the request (each one's reason is
     listed) or an argument is invalid; RuntimeError for an unknown backend name.
@@ -52,7 +59,14 @@ def create_allreduce_fusion_workspace(
         backend = heuristics.prefer_backend(candidates, req.nodes)
     elif backend in topology.REJECTIONS and (reason := topology.REJECTIONS[backend](req)):
         raise ValueError(f"backend {backend!r} cannot serve this request: {reason}")
-    return workspace_class(backend).create(req)
+    workspace = workspace_class(backend).create(req)
+    if os.environ.get(PRECOMPILE_ENV, "0") not in ("", "0"):
+        try:
+            workspace.precompile()
+        except BaseException:
+            workspace.destroy()
+            raise
+    return workspace
 
 
 def allreduce_fusion(

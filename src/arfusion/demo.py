@@ -22,15 +22,8 @@ import torch
 
 from . import testing
 from .api import allreduce_fusion, create_allreduce_fusion_workspace
-from .patterns import PATTERNS, Quant
-from .testing import (
-    Case,
-    case_kwargs,
-    case_outputs,
-    pattern_supports,
-    precompile_cases,
-    run_case,
-)
+from .patterns import PATTERNS, Quant, pattern_supports
+from .testing import Case, case_kwargs, case_outputs, precompile_cases, run_case
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCALE = {Quant.FP8: 0.05, Quant.NVFP4: 400.0}

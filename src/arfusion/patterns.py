@@ -109,6 +109,13 @@ UNSUPPORTED_PATTERNS: dict[int, str] = {
 }
 
 NVFP4_BLOCK = 16  # values per E4M3 block scale
+
+
+def pattern_supports(pattern: int, hidden_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `pattern` accepts this hidden size and dtype (NVFP4 needs 16-bit, H % 16)."""
+    if PATTERNS[pattern].quant == Quant.NVFP4:
+        return dtype != torch.float32 and hidden_dim % NVFP4_BLOCK == 0
+    return True
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 E2M1_MAX = 6.0  # largest E2M1 magnitude
 

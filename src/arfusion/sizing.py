@@ -1,11 +1,12 @@
 """How much symmetric memory a Lamport workspace needs (no GPU, no triton needed).
 
-Each of the three rotations holds either a one-shot call (N slots of the call's
-T*H elements, each slot rounded up to 16) or a two-shot call (N scatter slots of
+Each of the three rotations holds a header of N * 16 elements (the ranks' call
+signatures), then either a one-shot call (N slots of the call's T*H elements,
+each slot rounded up to 16) or a two-shot call (N scatter slots of
 C = ceil(T*H / N) rounded up to 16, plus two gather regions of N*C). A workspace
 sized for E elements (max_token_num * hidden_dim) with one-shot up to E1 <= E:
 
-    bytes = 3 * round_up(max(N * round_up(E1, 16), 3 * N * C(E)), 64) * element size
+    bytes = 3 * round_up(16 N + max(N * round_up(E1, 16), 3 * N * C(E)), 64) * element size
 
 A one-shot call of up to `oneshot_fit` elements fits whatever E1 was asked for.
 World size 1 moves nothing between ranks (a local kernel): its rotations are a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 ROTATIONS = 3
+HEADER_SLOT = 16  # header elements per rank: keeps the data 16-element aligned
 
 
 def round_up(x: int, m: int) -> int:
@@ -29,12 +31,18 @@ def chunk_elements(num_elements: int, world_size: int) -> int:
 
 
 def rotation_elements(world_size: int, max_elements: int, oneshot_elements: int) -> int:
-    """Elements of one rotation: N one-shot slots, or two-shot scatter + two gathers."""
+    """Elements of one rotation: the header, then N one-shot slots or two-shot scatter +
+    two gathers."""
     if world_size == 1:
         return 64
     oneshot = world_size * round_up(oneshot_elements, 16)
     twoshot = 3 * world_size * chunk_elements(max_elements, world_size)
-    return round_up(max(oneshot, twoshot), 64)
+    return round_up(header_elements(world_size) + max(oneshot, twoshot), 64)
+
+
+def header_elements(world_size: int) -> int:
+    """Elements of a rotation's signature header (none at world size 1)."""
+    return world_size * HEADER_SLOT if world_size > 1 else 0
 
 
 def buffer_bytes(world_size: int, max_elements: int, oneshot_elements: int,
@@ -46,7 +54,7 @@ def buffer_bytes(world_size: int, max_elements: int, oneshot_elements: int,
 
 def oneshot_fit(world_size: int, rotation: int) -> int:
     """Largest one-shot call (elements per rank) a rotation of `rotation` elements holds."""
-    return rotation // world_size // 16 * 16
+    return (rotation - header_elements(world_size)) // world_size // 16 * 16
 
 
 def capacity(max_elements: int, oneshot_elements: int, use_oneshot: bool | None) -> int:

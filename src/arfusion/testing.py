@@ -472,13 +472,6 @@ def digest(tensors: dict[str, torch.Tensor | None]) -> str:
     return h.hexdigest()[:16]
 
 
-def pattern_supports(pattern: int, hidden_dim: int, dtype: torch.dtype) -> bool:
-    """Whether `pattern` accepts this hidden size and dtype (NVFP4 needs 16-bit, H % 16)."""
-    if PATTERNS[pattern].quant == Quant.NVFP4:
-        return dtype != torch.float32 and hidden_dim % NVFP4_BLOCK == 0
-    return True
-
-
 def case_outputs(case: Case, device: torch.device | str, with_output: bool = True):
     """Poisoned tensors for every output `case.pattern` writes (`output` optional
     for residual patterns)."""

@@ -146,6 +146,18 @@ class AllReduceFusionWorkspace(abc.ABC):
         launch nothing; a no-op for backends without kernels of their own."""
         yield
 
+    @property
+    def comm(self):
+        """The CommBackend the ranks met through (None where there is none to share)."""
+        return None
+
+    def precompile(self, **variants) -> int:
+        """Compile and load the kernel variants calls to this workspace will need, before
+        the first call (`arfusion.precompile`: which variants, keyword arguments to
+        narrow or widen them). Call it on every rank. Returns how many variants were
+        asked for; 0 for backends without kernels of their own."""
+        return 0
+
     @abc.abstractmethod
     def run(self, call: FusionCall) -> None:
         """Launch one validated call (outputs are in `call`)."""

@@ -280,6 +280,99 @@ def test_missing_rank_times_out_and_is_named(backend):
     assert 1.5 < elapsed < 10.0
 
 
+# What rank 1 changes in its call, and what every rank's error must say.
+MISMATCHES = {
+    "num_tokens": (dict(t=5), "num_tokens: rank 0 4, rank 1 5"),
+    "hidden_dim": (dict(h=272), "hidden_dim: rank 0 256, rank 1 272"),
+    "dtype": (dict(dtype=torch.float16), "dtype: rank 0 torch.bfloat16, rank 1 torch.float16"),
+    "pattern": (dict(pattern=P.kAllReduce), "pattern: rank 0 1, rank 1 0"),
+    "strategy": (dict(oneshot=False), "strategy: rank 0 oneshot, rank 1 twoshot"),
+}
+
+
+def _mismatch_rank(ctx, backend, change, oneshot):
+    mine = dict(t=4, h=256, dtype=torch.bfloat16, pattern=P.kARResidualRMSNorm,
+                oneshot=oneshot)
+    if ctx.rank == 1:
+        mine.update(MISMATCHES[change][0])
+    case = Case(mine["pattern"], mine["t"], mine["h"], mine["dtype"], seed=3)
+    kw = dict(use_oneshot=mine["oneshot"])
+    with make_workspace(ctx, torch.bfloat16, 8, 512, backend) as ws:
+        ws.timeout_s = 20.0
+        precompile_cases(ws, [(case, kw)], ctx.rank, CUDA, ctx.comm)
+        start = time.monotonic()
+        allreduce_fusion(case.input(ctx.rank, CUDA), ws, case.pattern,
+                         **case_outputs(case, CUDA), **case_kwargs(case, CUDA), **kw)
+        torch.cuda.current_stream().synchronize()
+        elapsed = time.monotonic() - start
+        with pytest.raises(RuntimeError) as raised:
+            ws.check()
+        with pytest.raises(RuntimeError, match="mismatched"):  # and every later call
+            allreduce_fusion(case.input(ctx.rank, CUDA), ws, case.pattern,
+                             **case_outputs(case, CUDA), **case_kwargs(case, CUDA), **kw)
+        return elapsed, str(raised.value), ws.failed_ranks()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,oneshot", [(c, o) for c in MISMATCHES for o in (True, False)
+                                            if c != "strategy" or o])
+def test_mismatched_calls_are_named_on_every_rank_at_once(backend, change, oneshot):
+    """The call signature travels with the data: each rank stops at the first poll and
+    names what differed, long before the 20 s wait bound."""
+    for rank, (elapsed, message, failed) in enumerate(
+            run_ranks(2, _mismatch_rank, backend, change, oneshot, device=CUDA)):
+        assert elapsed < 5.0, (rank, elapsed)
+        assert f"rank {rank}: ranks issued mismatched" in message, message
+        assert MISMATCHES[change][1] in message, message
+        assert failed == [1 - rank]
+
+
+def _precompiled_rank(ctx, backend):
+    """Create with precompile (PDL variants of two patterns), then real calls of other
+    token counts, strategies, triggers and scale kinds: none may compile anything."""
+    import triton
+
+    h = 512
+    with create_allreduce_fusion_workspace(
+            backend, world_size=ctx.world_size, rank=ctx.rank, max_token_num=64,
+            hidden_dim=h, dtype=torch.bfloat16, comm_backend=ctx.comm,
+            force_oneshot_support=True) as ws:
+        variants = ws.precompile(patterns=[P.kARResidualRMSNorm, P.kARResidualRMSNormFP4Quant],
+                                 launch_with_pdl=(True,))
+        misses = []
+        ctx.comm.barrier()
+        if ctx.rank == 0:  # Triton's hook on every in-memory cache miss (a compile or load)
+            assert hasattr(triton.knobs.runtime, "jit_cache_hook")
+            triton.knobs.runtime.jit_cache_hook = \
+                lambda *a, **k: misses.append(str(k.get("repr", k))[:300]) and False
+        ctx.comm.barrier()
+        ok = []
+        try:
+            for i, (t, oneshot, trigger, tensor_scale) in enumerate(
+                    [(1, None, True, False), (5, True, False, True), (64, False, True, True),
+                     (33, None, False, False)]):
+                for pattern in (P.kARResidualRMSNorm, P.kARResidualRMSNormFP4Quant):
+                    case = Case(pattern, t, h, torch.bfloat16, seed=i,
+                                scale_as_tensor=tensor_scale)
+                    ok.append(run_case(ws, case, ctx.rank, ctx.world_size, CUDA,
+                                       with_output=False, comm=ctx.comm, use_oneshot=oneshot,
+                                       launch_with_pdl=True,
+                                       trigger_completion_at_end=trigger).check.ok)
+        finally:
+            ctx.comm.barrier()
+            if ctx.rank == 0:
+                triton.knobs.runtime.jit_cache_hook = None
+        return variants, ok, misses
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precompile_leaves_nothing_to_compile(backend):
+    for variants, ok, misses in run_ranks(2, _precompiled_rank, backend, device=CUDA):
+        assert variants == 2 * 2 + 2 * 2 * 2  # strategies x triggers (x scale kinds)
+        assert all(ok) and len(ok) == 8
+        assert misses == []
+
+
 def test_torch_compile_and_custom_op():
     from arfusion.comm import InProcessGroup
 

@@ -70,8 +70,10 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
 
     @property
     def buffer_size_bytes(self) -> int:
-        """Bytes of one Lamport buffer (one of the three rotations), as FlashInfer's."""
-        return self.buf_stride * self.dtype.itemsize
+        """Bytes of one Lamport buffer (one of the three rotations, less its signature
+        header), as FlashInfer's: what get_required_buffer_size_bytes compares with."""
+        return (self.buf_stride - sizing.header_elements(self.world_size)) \
+            * self.dtype.itemsize
 
     @staticmethod
     def get_required_buffer_size_bytes(

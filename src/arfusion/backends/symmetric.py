@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .. import heuristics, sizing
+from .. import heuristics, signature, sizing
 from ..memory import SymmetricBuffer, ranks_on_my_gpu
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
@@ -69,7 +69,8 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         if any(d % (16 * dtype.itemsize) for d in deltas):
             raise RuntimeError("peer buffers are not 16-element aligned")
         self._state = torch.zeros(launch.STATE_SIZE, dtype=torch.int64, device=device)
-        self._err = torch.zeros(world_size + 1, dtype=torch.int32, pin_memory=True)
+        self._err = torch.zeros(launch.error_words(world_size), dtype=torch.int32,
+                                pin_memory=True)
         self._err_np: np.ndarray = self._err.numpy()
         sharing = ranks_on_my_gpu(buf.comm, device)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -97,9 +98,29 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
                                use_oneshot)
 
     def failed_ranks(self) -> list[int]:
-        if not self._err_np[0]:
+        err, n = self._err_np, self.world_size
+        if not err[0]:
             return []
-        return [r for r in range(self.world_size) if self._err_np[1 + r]]
+        if sigs := self._mismatch():
+            return [r for r, sig in sigs.items() if sig != sigs[self.rank]]
+        return [r for r in range(n) if err[1 + r]]
+
+    def _mismatch(self) -> dict[int, tuple]:
+        """The signatures a kernel saw differ (rank -> fields), or {} (protocol.py: the
+        error array's layout)."""
+        err, n = self._err_np, self.world_size
+        if not err[1 + n]:
+            return {}
+        lanes = err[2 + n:].reshape(n, sizing.HEADER_SLOT)[:, :signature.SIG_LEN]
+        return {q: signature.decode(lanes[q]) for q in range(n) if (lanes[q] != -1).all()}
+
+    def check(self) -> None:
+        if sigs := self._mismatch():
+            raise RuntimeError(signature.mismatch_message(
+                self.rank, sigs, signature.FIELDS,
+                "that call's outputs are undefined and this workspace is unusable: destroy it "
+                "and create a new one on every rank"))
+        super().check()
 
     def picks_oneshot(self, num_elements: int, use_oneshot: bool | None = None) -> bool:
         """The strategy a call of `num_elements` per rank runs with."""
@@ -121,6 +142,15 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
             yield
         finally:
             self._launch.compile_only = False
+
+    @property
+    def comm(self):
+        return self._buffer.comm
+
+    def precompile(self, **variants) -> int:
+        from ..precompile import precompile
+
+        return precompile(self, **variants)
 
     def _release(self) -> None:
         self._buffer.close(self.timeout_s)

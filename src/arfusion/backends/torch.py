@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from .. import reference
+from .. import reference, signature
 from ..comm import CommBackend, InProcessBackend, TorchDistBackend, bounded, is_in_process
 from ..topology import Request
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
 
-SIGNATURE = ("call", "num_tokens", "hidden_dim", "dtype", "pattern")
+SIGNATURE = signature.FIELDS[:5]  # the strategy is the kernels' business
 
 
 def write_outputs(call: FusionCall, results: dict[str, torch.Tensor]) -> None:
@@ -164,16 +164,10 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
             self._missing = behind or [r for r in range(self.world_size) if r != self.rank]
             self.check()
         if any(sig != mine for sig in got):
-            differ = [name for i, name in enumerate(SIGNATURE)
-                      if len({sig[i] for sig in got}) > 1]
-            detail = "; ".join(
-                f"{name}: " + ", ".join(f"rank {r} {sig[SIGNATURE.index(name)]}"
-                                       for r, sig in enumerate(got)) for name in differ)
-            raise RuntimeError(
-                f"rank {self.rank}: ranks issued mismatched allreduce_fusion calls "
-                f"({detail}); nothing was computed, the workspace is still usable once "
-                "every rank issues the same calls"
-            )
+            raise RuntimeError(signature.mismatch_message(
+                self.rank, dict(enumerate(got)), SIGNATURE,
+                "nothing was computed, the workspace is still usable once every rank "
+                "issues the same calls"))
 
     def _gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self._comm is not None:

@@ -37,17 +37,25 @@ MIN_DYNAMIC_SCALE = tl.constexpr(DYNAMIC_FP8_MIN_SCALE)
 
 
 @triton.jit
-def residual_add(s, row, cols, cm, H, out_ptr, residual_in_ptr, residual_out_ptr,
-                 NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr):
-    """From the fp32 sum chunk `s`: write output = cast(s) (kAllReduce, or when
-    asked), and for residual patterns residual_out = h = cast(s + residual_in).
-    Returns h (cast(s) without a residual). Masked lanes must hold s = 0."""
+def load_residual(row, cols, cm, H, residual_in_ptr, NORM: tl.constexpr):
+    """The residual row chunk as fp32 (0 without a residual). Loaded before the strategy
+    polls for the sum, so its latency overlaps the wait."""
+    if NORM:
+        return tl.load(residual_in_ptr + row * H + cols, mask=cm, other=0).to(tl.float32)
+    return tl.zeros(cols.shape, tl.float32)
+
+
+@triton.jit
+def residual_add(s, r, row, cols, cm, H, out_ptr, residual_out_ptr, NORM: tl.constexpr,
+                 WRITE_OUTPUT: tl.constexpr):
+    """From the fp32 sum chunk `s` and residual `r` (load_residual): write output =
+    cast(s) (kAllReduce, or when asked), and for residual patterns residual_out = h =
+    cast(s + r). Returns h (cast(s) without a residual). Masked lanes must hold s = 0."""
     DT = out_ptr.dtype.element_ty
     offs = row * H + cols
     if NORM:
         if WRITE_OUTPUT:
             tl.store(out_ptr + offs, s.to(DT), mask=cm)
-        r = tl.load(residual_in_ptr + offs, mask=cm, other=0).to(tl.float32)
         h = (s + r).to(DT)
         tl.store(residual_out_ptr + offs, h, mask=cm)
     else:
@@ -72,10 +80,15 @@ def inv_rms(ssq, H, eps):
 
 
 @triton.jit
-def normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, DT: tl.constexpr):
+def load_gamma(gamma_ptr, cols, cm, weight_bias):
+    """gamma + weight_bias for a chunk of columns, fp32 (the same for every row)."""
+    return tl.load(gamma_ptr + cols, mask=cm, other=0).to(tl.float32) + weight_bias
+
+
+@triton.jit
+def normalize(hf, gw, rstd, DT: tl.constexpr):
     """cast(h * rstd * (gamma + weight_bias)); returned as fp32 of the rounded value."""
-    g = tl.load(gamma_ptr + cols, mask=cm, other=0).to(tl.float32)
-    return (hf * rstd * (g + weight_bias)).to(DT).to(tl.float32)
+    return (hf * rstd * gw).to(DT).to(tl.float32)
 
 
 @triton.jit
@@ -142,13 +155,14 @@ def store_normalized(nf, row, c0, cols, cm, H, norm_out_ptr, quant_ptr, scale_ou
 
 
 @triton.jit
-def finish_row(h, row, cols, cm, H, gamma_ptr, norm_out_ptr, quant_ptr, scale_out_ptr,
-               eps, weight_bias, scale_factor, WRITE_NORM: tl.constexpr,
+def finish_row(h, row, cols, cm, H, gw, norm_out_ptr, quant_ptr, scale_out_ptr, eps,
+               scale_factor, WRITE_NORM: tl.constexpr,
                QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
-    """RMSNorm + quantisation of a row held whole in registers (one chunk)."""
+    """RMSNorm + quantisation of a row held whole in registers (one chunk); `gw`:
+    load_gamma of the row."""
     hf = h.to(tl.float32)
     rstd = inv_rms(tl.sum(hf * hf, axis=0), H, eps)
-    nf = normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, h.dtype)
+    nf = normalize(hf, gw, rstd, h.dtype)
     dyn = 0.0
     if QUANT == QUANT_DYNAMIC_FP8:
         dyn = dynamic_scale(tl.max(tl.abs(nf), axis=0), row, scale_out_ptr)
@@ -178,44 +192,49 @@ def finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_
             cols = c * BLOCK + tl.arange(0, BLOCK)
             cm = cols < H
             hf = tl.load(base + cols, mask=cm, other=0).to(tl.float32)
-            nf = normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, DT)
+            nf = normalize(hf, load_gamma(gamma_ptr, cols, cm, weight_bias), rstd, DT)
             amax = tl.maximum(amax, tl.max(tl.abs(nf), axis=0))
         dyn = dynamic_scale(amax, row, scale_out_ptr)
     for c in tl.static_range(NUM_CHUNKS):
         cols = c * BLOCK + tl.arange(0, BLOCK)
         cm = cols < H
         hf = tl.load(base + cols, mask=cm, other=0).to(tl.float32)
-        nf = normalize(hf, cols, cm, gamma_ptr, rstd, weight_bias, DT)
+        nf = normalize(hf, load_gamma(gamma_ptr, cols, cm, weight_bias), rstd, DT)
         store_normalized(nf, row, c * BLOCK, cols, cm, H, norm_out_ptr, quant_ptr,
                          scale_out_ptr, scale_factor, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
 
 
 @triton.jit
-def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, world_size, deadline,
+def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, sig, rank, deadline,
                  state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
                  norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale_factor,
                  NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr, WRITE_NORM: tl.constexpr,
                  QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
-                 NUM_CHUNKS: tl.constexpr):
+                 NUM_CHUNKS: tl.constexpr, WORLD: tl.constexpr):
     """Rows pid, pid+P, ...: `PRODUCE` (the strategy's) yields each chunk's h and
-    writes output/residual_out; then RMSNorm and quantisation of the whole row."""
-    for row in range(tl.program_id(0), T, tl.num_programs(0)):
-        if NUM_CHUNKS == 1:
-            cols = tl.arange(0, BLOCK)
-            cm = cols < H
-            h = PRODUCE(rot_ptr, stride, row, cols, cm, H, world_size, deadline, state_ptr,
-                        err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM,
-                        WRITE_OUTPUT)
+    writes output/residual_out; then RMSNorm and quantisation of the whole row. The
+    first chunk a program produces also checks the call signature (protocol.py)."""
+    pid = tl.program_id(0)
+    if NUM_CHUNKS == 1:
+        cols = tl.arange(0, BLOCK)
+        cm = cols < H
+        gw = tl.zeros([BLOCK], tl.float32)
+        if NORM:
+            gw = load_gamma(gamma_ptr, cols, cm, weight_bias)  # once for all rows
+        for row in range(pid, T, tl.num_programs(0)):
+            h = PRODUCE(rot_ptr, stride, row, cols, cm, H, row == pid, sig, rank, deadline,
+                        state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM,
+                        WRITE_OUTPUT, WORLD)
             if NORM:
-                finish_row(h, row, cols, cm, H, gamma_ptr, norm_out_ptr, quant_ptr,
-                           scale_out_ptr, eps, weight_bias, scale_factor, WRITE_NORM, QUANT,
-                           LAYOUT, BLOCK)
-        else:
+                finish_row(h, row, cols, cm, H, gw, norm_out_ptr, quant_ptr, scale_out_ptr,
+                           eps, scale_factor, WRITE_NORM, QUANT, LAYOUT, BLOCK)
+    else:
+        for row in range(pid, T, tl.num_programs(0)):
             for c in tl.static_range(NUM_CHUNKS):
                 cols = c * BLOCK + tl.arange(0, BLOCK)
-                PRODUCE(rot_ptr, stride, row, cols, cols < H, H, world_size, deadline,
-                        state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM,
-                        WRITE_OUTPUT)
+                PRODUCE(rot_ptr, stride, row, cols, cols < H, H, (row == pid) & (c == 0), sig,
+                        rank, deadline, state_ptr, err_addr, out_ptr, residual_in_ptr,
+                        residual_out_ptr, NORM, WRITE_OUTPUT, WORLD)
             if NORM:
                 finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr,
                                    quant_ptr, scale_out_ptr, eps, weight_bias, scale_factor,

@@ -29,14 +29,15 @@ import torch
 import triton
 
 from ..patterns import Quant
-from ..sizing import chunk_elements, round_up
+from ..signature import encode_misc
+from ..sizing import HEADER_SLOT, chunk_elements, round_up
 from ..validation import FusionCall
 from .local import local_kernel
 from .oneshot import oneshot_kernel
-from .protocol import CANONICAL_NAN_BITS, STATE_SIZE
+from .protocol import CANONICAL_NAN_BITS, STATE_SIZE, error_words
 from .twoshot import twoshot_kernel
 
-__all__ = ["BITS", "STATE_SIZE", "Launcher", "Resources"]
+__all__ = ["BITS", "STATE_SIZE", "Launcher", "Resources", "error_words"]
 
 MAX_BLOCK = 8192  # widest row chunk held in registers
 BITS = {2: torch.int16, 4: torch.int32}
@@ -51,7 +52,7 @@ class Resources:
     buf: torch.Tensor  # this rank's symmetric buffer, as 16/32-bit integers
     deltas: torch.Tensor  # int64 [N]: element distance from buf to each rank's buffer
     state: torch.Tensor  # int64 protocol state (protocol.py)
-    err_addr: int  # host-visible int32 [1 + N] error array (pinned)
+    err_addr: int  # host-visible int32 error array (pinned; layout in protocol.py)
     rank: int
     world_size: int
     buf_stride: int  # elements per rotation
@@ -129,8 +130,7 @@ class Launcher:
             args = (*ptrs, *scalars)
         else:
             args = (ptrs[0], *self._static, res.err_addr, *ptrs[1:], *scalars, res.rank,
-                    res.world_size, res.buf_stride, prep.stride,
-                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US))
+                    res.buf_stride, prep.stride, min(int(timeout_s * 1e6), MAX_TIMEOUT_US))
         kernel = prep.kernel
         kernel.run(prep.grid, 1, 1, _raw_stream(self._device), kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *prep.consts)
@@ -165,9 +165,12 @@ class Launcher:
                 pieces = triton.cdiv(stride, push_block)
             grid = min(res.max_programs, max(t, pieces))
             args = [x.view(BITS[x.element_size()]), res.buf, res.deltas, res.state,
-                    res.err_addr, *tensors, *scalars, res.rank, res.world_size,
-                    res.buf_stride, stride, min(int(timeout_s * 1e6), MAX_TIMEOUT_US)]
-            consts.update(PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()])
+                    res.err_addr, *tensors, *scalars, res.rank, res.buf_stride, stride,
+                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US)]
+            consts.update(PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()],
+                          WORLD=res.world_size,
+                          SIG_MISC=encode_misc(call.pattern, x.dtype, oneshot, h),
+                          HDR_TILE=triton.next_power_of_2(res.world_size) * HEADER_SLOT)
         consts.update(USE_PDL=call.launch_with_pdl,
                       TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl)
         options = dict(num_warps=num_warps, launch_pdl=call.launch_with_pdl,

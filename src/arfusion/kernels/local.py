@@ -19,19 +19,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import load_scale, process_rows, residual_add
+from .epilogue import load_residual, load_scale, process_rows, residual_add
 from .ptx import release_dependents, wait_for_previous_grid
 
 
 @triton.jit
-def local_chunk(x_ptr, stride, row, cols, cm, H, world_size, deadline, state_ptr, err_addr,
-                out_ptr, residual_in_ptr, residual_out_ptr, NORM: tl.constexpr,
-                WRITE_OUTPUT: tl.constexpr):
+def local_chunk(x_ptr, stride, row, cols, cm, H, check, sig, rank, deadline, state_ptr,
+                err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM: tl.constexpr,
+                WRITE_OUTPUT: tl.constexpr, WORLD: tl.constexpr):
     """This row chunk's sum (+0.0 + x), residual added; the `PRODUCE` of process_rows
     (the protocol arguments are unused)."""
+    r = load_residual(row, cols, cm, H, residual_in_ptr, NORM)
     s = tl.load(x_ptr + row * H + cols, mask=cm, other=0).to(tl.float32) + 0.0
-    return residual_add(s, row, cols, cm, H, out_ptr, residual_in_ptr, residual_out_ptr,
-                        NORM, WRITE_OUTPUT)
+    return residual_add(s, r, row, cols, cm, H, out_ptr, residual_out_ptr, NORM,
+                        WRITE_OUTPUT)
 
 
 @triton.jit(do_not_specialize=["scale_value", "eps", "weight_bias", "T"])
@@ -45,9 +46,9 @@ def local_kernel(x_ptr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr, n
     if not TRIGGER_AT_END:
         release_dependents(USE_PDL)
     scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
-    process_rows(local_chunk, x_ptr, 0, T, H, 1, 0, x_ptr, 0, out_ptr, residual_in_ptr,
+    process_rows(local_chunk, x_ptr, 0, T, H, 0, 0, 0, x_ptr, 0, out_ptr, residual_in_ptr,
                  residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr, scale_out_ptr, eps,
                  weight_bias, scale, NORM, WRITE_OUTPUT, WRITE_NORM, QUANT, LAYOUT, BLOCK,
-                 NUM_CHUNKS)
+                 NUM_CHUNKS, 1)
     if TRIGGER_AT_END:
         release_dependents(USE_PDL)

@@ -1,9 +1,12 @@
-"""The Lamport protocol both strategies share: sentinels, pushes, bounded polls, rotation.
+"""The Lamport protocol both strategies share: sentinels, signatures, pushes, bounded
+polls, rotation.
 
 Memory. Each rank's symmetric buffer holds three equal *rotations* of
 `buf_stride` elements (16 or 32 bits, the input's width). Call k uses rotation
 `k % 3`. A peer's rotation is reached as `buf + delta[p]`, where `delta[p]` is the
 element distance from this rank's buffer to peer p's, as mapped in this process.
+A rotation starts with a header of N slots of `HDR_SLOT` elements; the
+strategy's data follows at element `N * HDR_SLOT`.
 
 Sentinel. An element that holds the all-ones bit pattern (-1 as an integer, a
 NaN that no arithmetic result has: GPU NaNs are canonical) has not been written
@@ -14,26 +17,43 @@ at a time, with no flags and no fences. Unlike a -0.0 sentinel this lets
 finished values that are -0.0 (a tiny negative sum rounded to fp16) travel
 bit-exact.
 
+Signature. In call k, program 0 of rank r writes the call's signature
+(`arfusion.signature`: tokens, hidden size, dtype, pattern, strategy, k) into
+header slot r of rotation k % 3 of every rank. Every program's first poll loads
+all N header slots together with its data and uses no value before every slot
+has arrived equal to its own signature. A slot that arrives different stops the
+program at once: the signatures it saw go to the host-visible error array and
+the workspace is aborted, so no rank computes with a mismatched peer (the header
+sits at the same place whatever the call's shape, so it is read correctly even
+when the data is not).
+
+Polls. A poll loads every element it waits for, all slots together (one round
+trip per spin), and counts the sentinels left in one block reduction per spin;
+data that has already arrived costs one pass.
+
 Rotation. During call k every rank clears (sets to the sentinel) the part of
-its own rotation `(k - 1) % 3` that call k-1 used. That is race-free with three
-rotations: every element a peer writes into a rank's buffer during a call is
-one that rank waits for during that same call, so by the time it clears the
-rotation nothing more is in flight to it; and no peer can write that rotation
-again before call k+2, which it can only start after it received this rank's
-data of call k+1, which this rank sends after finishing call k, clearing
-included. Hence consecutive calls need no barrier and no host synchronisation.
+its own rotation `(k - 1) % 3` that call k-1 used, header included. That is
+race-free with three rotations: every element a peer writes into a rank's
+buffer during a call is one that rank waits for during that same call, so by
+the time it clears the rotation nothing more is in flight to it; and no peer
+can write that rotation again before call k+2, which it can only start after it
+received this rank's data of call k+1, which this rank sends after finishing
+call k, clearing included. Hence consecutive calls need no barrier and no host
+synchronisation.
 
 State (local device memory, int64): STATE_EPOCH (the call counter k),
 STATE_DONE (programs finished in this call), STATE_USED + r (elements used in
-rotation r, cleared one call later), STATE_ABORT (set once a wait timed out).
-The last program to finish a call bumps the epoch, so every program of a call
-reads the same k however the grid is scheduled, and a CUDA graph replay
-advances it on the device.
+rotation r, cleared one call later), STATE_ABORT (set once a wait failed). A
+call reads all of them in one round trip. The last program to finish a call
+bumps the epoch, so every program of a call reads the same k however the grid
+is scheduled, and a CUDA graph replay advances it on the device.
 
 Bounded waits. A poll gives up at a deadline (globaltimer) or once another
 program has aborted; the ranks it was still waiting for are written to the
-host-visible error array (`err[0] = 1`, `err[1 + r] = 1`), which the host checks
-before the next call. An aborted workspace does nothing on later calls.
+host-visible error array (int32: [0] failed, [1 + r] rank r missing,
+[1 + N] signatures differed, [2 + N + 16 q + j] element j of rank q's
+signature), which the host checks before the next call. An aborted workspace
+does nothing on later calls.
 """
 
 from __future__ import annotations
@@ -41,6 +61,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..signature import SIG_LEN
+from ..sizing import HEADER_SLOT
 from .ptx import globaltimer, load_volatile
 
 STATE_EPOCH = tl.constexpr(0)
@@ -52,6 +74,14 @@ STATE_SIZE = 8  # int64 entries (host side)
 ROTATIONS = 3
 SENTINEL = -1  # all-ones bits
 CANONICAL_NAN_BITS = {2: 0x7FFF, 4: 0x7FFFFFFF}  # by element size
+HDR_SLOT = tl.constexpr(HEADER_SLOT)
+SIG_ELEMS = tl.constexpr(SIG_LEN)
+SIG_MASK = tl.constexpr(0x7FFF)
+
+
+def error_words(world_size: int) -> int:
+    """int32 entries of the host-visible error array (host side)."""
+    return 2 + world_size + world_size * HDR_SLOT.value
 
 
 @triton.jit
@@ -59,6 +89,41 @@ def sanitize(bits, CANON: tl.constexpr):
     """Bits to send: the sentinel pattern (a NaN) becomes the canonical NaN `CANON`
     (0x7FFF or 0x7FFFFFFF), so only "not yet written" ever reads as the sentinel."""
     return tl.where(bits == -1, CANON, bits)
+
+
+@triton.jit
+def signature(T, H, epoch, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
+    """This call's signature element (arfusion.signature) for every header lane: lane l
+    stands for element l % HDR_SLOT of rank l // HDR_SLOT's slot."""
+    j = tl.arange(0, HDR_TILE) % HDR_SLOT
+    t = T + tl.zeros([HDR_TILE], tl.int32)
+    e = tl.where(j == 0, t & SIG_MASK, (t >> 15) & SIG_MASK)
+    e = tl.where(j == 2, (H + tl.zeros([HDR_TILE], tl.int32)) & SIG_MASK, e)
+    e = tl.where(j == 3, SIG_MISC, e)
+    return tl.where(j == 4, epoch.to(tl.int32) & SIG_MASK, e)
+
+
+@triton.jit
+def publish_signature(sig, rot_off, rank, buf_ptr, deltas_ptr, WORLD: tl.constexpr):
+    """Program 0: this rank's signature into its header slot of every rank's rotation."""
+    if tl.program_id(0) == 0:
+        lanes = tl.arange(0, sig.shape[0])
+        store_to_peers(sig.to(buf_ptr.dtype.element_ty), rot_off + rank * HDR_SLOT + lanes,
+                       lanes < SIG_ELEMS, buf_ptr, deltas_ptr, WORLD)
+
+
+@triton.jit
+def header_status(rot_ptr, sig, check, WORLD: tl.constexpr):
+    """While `check`: the header lanes, how many are unwritten, how many differ from `sig`."""
+    lanes = tl.arange(0, sig.shape[0])
+    hm = ((lanes % HDR_SLOT) < SIG_ELEMS) & (lanes < WORLD * HDR_SLOT) & (check != 0)
+    hv = load_volatile(rot_ptr + lanes, hm).to(tl.int32)
+    unwritten = 0
+    differ = 0
+    if check != 0:
+        unwritten = tl.sum(((hv == -1) & hm).to(tl.int32), axis=0)
+        differ = tl.sum(((hv != -1) & (hv != sig) & hm).to(tl.int32), axis=0)
+    return hv, unwritten, differ
 
 
 @triton.jit
@@ -72,67 +137,124 @@ def report_missing(state_ptr, err_addr, peer, mask):
 
 
 @triton.jit
-def wait_filled(ptr, mask, peer, deadline, state_ptr, err_addr):
-    """Poll `ptr[mask]` until no element holds the sentinel; return the bits.
-
-    Gives up at `deadline` (ns of globaltimer) or when the workspace was aborted
-    by another program, then reports the rank (`peer`, scalar or per lane) of
-    every element still unwritten. Masked-off lanes read 0.
-    """
-    v = load_volatile(ptr, mask)
-    pending = tl.sum((v == -1).to(tl.int32), axis=0)
-    give_up = pending * 0
-    while (pending > 0) & (give_up == 0):
-        v = load_volatile(ptr, mask)
-        pending = tl.sum((v == -1).to(tl.int32), axis=0)
-        if globaltimer() > deadline:
-            give_up = 1
-        if tl.load(state_ptr + STATE_ABORT, volatile=True) != 0:
-            give_up = 1
-    if pending > 0:
-        report_missing(state_ptr, err_addr, peer, (v == -1) & mask)
-    return v
+def report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD: tl.constexpr):
+    """After giving up: the signatures seen if one differed, else the ranks whose
+    header never arrived."""
+    lanes = tl.arange(0, sig.shape[0])
+    hm = ((lanes % HDR_SLOT) < SIG_ELEMS) & (lanes < WORLD * HDR_SLOT) & (check != 0)
+    if differ > 0:
+        tl.atomic_xchg(state_ptr + STATE_ABORT, 1)
+        err = err_addr.to(tl.pointer_type(tl.int32))
+        tl.store(err + 2 + WORLD + lanes, tl.where(lanes // HDR_SLOT == rank, sig, hv),
+                 mask=hm)
+        tl.store(err + 1 + WORLD, 1)
+        tl.store(err, 1)
+    else:
+        report_missing(state_ptr, err_addr, lanes // HDR_SLOT, (hv == -1) & hm)
 
 
 @triton.jit
-def sum_slots(rot_ptr, offs, mask, slot_stride, world_size, deadline, state_ptr, err_addr,
-              DT: tl.constexpr):
-    """fp32 sum over slots 0..N-1 (`rot_ptr + q * slot_stride + offs`), in rank order,
-    from +0.0, each slot waited for. Masked lanes sum to 0."""
+def should_stop(deadline, state_ptr):
+    """A poll gives up past its deadline or once any program aborted the workspace."""
+    late = globaltimer() > deadline
+    return late | (tl.load(state_ptr + STATE_ABORT, volatile=True) != 0)
+
+
+@triton.jit
+def load_slots(data_ptr, offs, mask, slot_stride, WORLD: tl.constexpr, DT: tl.constexpr):
+    """One pass over slots 0..N-1: their fp32 sum in rank order from +0.0, and how
+    many of their elements are still the sentinel (per lane)."""
     s = tl.zeros(offs.shape, tl.float32)
-    for q in range(world_size):
-        bits = wait_filled(rot_ptr + q * slot_stride + offs, mask, q, deadline, state_ptr,
-                           err_addr)
-        s += bits.to(DT, bitcast=True).to(tl.float32)
+    unwritten = tl.zeros(offs.shape, tl.int32)
+    for q in tl.static_range(WORLD):
+        v = load_volatile(data_ptr + q * slot_stride + offs, mask)
+        unwritten += (v == -1).to(tl.int32)
+        s += v.to(DT, bitcast=True).to(tl.float32)
+    return s, unwritten
+
+
+@triton.jit
+def sum_slots(rot_ptr, offs, mask, slot_stride, sig, check, rank, deadline, state_ptr,
+              err_addr, WORLD: tl.constexpr, DT: tl.constexpr):
+    """fp32 sum over the data slots q = 0..N-1 (`rot_ptr + N*HDR_SLOT + q*slot_stride +
+    offs`) in rank order from +0.0, once every element has arrived; while `check`, the
+    header too (see Signature). Masked lanes sum to 0."""
+    data = rot_ptr + WORLD * HDR_SLOT
+    s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
+    hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+    pending = tl.sum(unwritten, axis=0) + h_unwritten
+    give_up = differ
+    while (pending > 0) & (give_up == 0):
+        s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
+        hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+        pending = tl.sum(unwritten, axis=0) + h_unwritten
+        give_up = differ
+        if should_stop(deadline, state_ptr):
+            give_up = 1
+    if give_up != 0:
+        report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD)
+        for q in tl.static_range(WORLD):
+            v = load_volatile(data + q * slot_stride + offs, mask)
+            report_missing(state_ptr, err_addr, q, (v == -1) & mask & (differ == 0))
     return s
 
 
 @triton.jit
-def store_to_peers(bits, offs, mask, buf_ptr, deltas_ptr, world_size):
+def wait_filled(rot_ptr, offs, mask, owner, sig, check, rank, deadline, state_ptr, err_addr,
+                WORLD: tl.constexpr):
+    """The bits at data element `offs` (`rot_ptr + N*HDR_SLOT + offs`) once none is the
+    sentinel; while `check`, the header too. `owner`: the rank (per lane) that writes
+    each element, reported if it never does. Masked-off lanes read 0."""
+    ptr = rot_ptr + WORLD * HDR_SLOT + offs
+    v = load_volatile(ptr, mask)
+    hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+    pending = tl.sum((v == -1).to(tl.int32), axis=0) + h_unwritten
+    give_up = differ
+    while (pending > 0) & (give_up == 0):
+        v = load_volatile(ptr, mask)
+        hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+        pending = tl.sum((v == -1).to(tl.int32), axis=0) + h_unwritten
+        give_up = differ
+        if should_stop(deadline, state_ptr):
+            give_up = 1
+    if give_up != 0:
+        report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD)
+        report_missing(state_ptr, err_addr, owner, (v == -1) & mask & (differ == 0))
+    return v
+
+
+@triton.jit
+def store_to_peers(bits, offs, mask, buf_ptr, deltas_ptr, WORLD: tl.constexpr):
     """Store `bits` at element `offs` of every rank's buffer (this rank's too)."""
-    for p in range(world_size):
+    for p in tl.static_range(WORLD):
         d = tl.multiple_of(tl.load(deltas_ptr + p), 16)
         tl.store(buf_ptr + d + offs, bits, mask=mask)
 
 
 @triton.jit
 def call_begin(state_ptr, timeout_us):
-    """Read the call counter and abort flag; start the wait deadline (the timeout
-    travels in microseconds, an i32 for any bound up to 35 minutes)."""
+    """The call counter, abort flag and the previous call's footprint, read in one
+    round trip; the wait deadline (the timeout travels in microseconds, an i32 for
+    any bound up to 35 minutes)."""
     epoch = tl.load(state_ptr + STATE_EPOCH)
     aborted = tl.load(state_ptr + STATE_ABORT)
+    u0 = tl.load(state_ptr + STATE_USED)
+    u1 = tl.load(state_ptr + STATE_USED + 1)
+    u2 = tl.load(state_ptr + STATE_USED + 2)
+    prev = (epoch + 2) % 3
+    stale = tl.where(prev == 0, u0, tl.where(prev == 1, u1, u2))
     deadline = globaltimer() + timeout_us.to(tl.int64) * 1000
-    return epoch, aborted, deadline
+    return epoch, aborted, stale, deadline
 
 
 @triton.jit
-def clear_stale(buf_ptr, state_ptr, epoch, buf_stride, BLOCK: tl.constexpr):
-    """Reset to the sentinel what the previous call used of its rotation (this rank's)."""
-    prev = (epoch + 2) % 3
+def clear_stale(buf_ptr, stale, epoch, buf_stride, BLOCK: tl.constexpr):
+    """Reset to the sentinel the `stale` elements the previous call used of its
+    rotation (this rank's)."""
     # Footprints are whole 16-element slots: the hint lets the masked stores be
     # 16 bytes wide (a bound loaded at run time is otherwise of unknown alignment).
-    used = tl.multiple_of(tl.load(state_ptr + STATE_USED + prev), 16)
-    base = buf_ptr + prev * buf_stride
+    used = tl.multiple_of(stale, 16)
+    base = buf_ptr + ((epoch + 2) % 3) * buf_stride
     sentinel = tl.full([BLOCK], -1, dtype=buf_ptr.dtype.element_ty)
     for start in range(tl.program_id(0) * BLOCK, used, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)

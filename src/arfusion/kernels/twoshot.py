@@ -1,9 +1,10 @@
 """Two-shot all-reduce + epilogue: reduce-scatter by element chunks, all-gather, finish rows.
 
-Protocol of call k on rank r of N (see protocol.py for sentinels, rotations and
-why clearing is race-free). b = k % 3, E = T*H, C = ceil(E/N) rounded up to 16
-(`chunk`); rank p owns elements [p*C, min((p+1)*C, E)). Rotation b of every
-buffer holds:
+Protocol of call k on rank r of N (see protocol.py for sentinels, signatures,
+rotations and why clearing is race-free). b = k % 3, E = T*H, C = ceil(E/N)
+rounded up to 16 (`chunk`); rank p owns elements [p*C, min((p+1)*C, E)).
+Rotation b of every buffer holds the header (N slots of 16 elements), then, at
+offsets from the end of the header:
 
 - scatter, N slots of C elements at [q*C]: sender q's copy of this rank's chunk;
 - gather-h, E elements at [N*C]: the finished h = cast(s + residual) (cast(s)
@@ -11,20 +12,23 @@ buffer holds:
 - gather-s, E elements at [2*N*C], only when a residual pattern also writes
   `output`: cast(s).
 
-1. Scatter: for each owner p, this rank stores its elements of chunk p,
-   sanitised, into scatter slot r of rotation b of p's buffer.
+1. Scatter: program 0 writes this call's signature into header slot r of
+   rotation b of every rank; for each owner p, this rank stores its elements of
+   chunk p, sanitised, into scatter slot r of rotation b of p's buffer.
 2. Clear: the part of rotation (k-1)%3 of this rank's buffer that call k-1 used
    is reset to the sentinel.
 3. Reduce: the programs split this rank's chunk; each piece is polled in slots
-   0..N-1 until written, summed in rank order in fp32, the residual added
+   0..N-1 together (a program's first piece also the N signatures, all equal to
+   its own) until written, summed in rank order in fp32, the residual added
    elementwise, and h (and cast(s)) stored to the gather regions of every rank.
 4. Finish: program i takes rows i, i+P, ...; it polls the row in gather-h (and
-   gather-s), writes residual_out (output) and runs RMSNorm + quantisation on the
-   whole row locally. Every rank normalises every row from the same h with the
-   same code, so the results are bit-identical across ranks; the all-gather
-   moves only h, never the larger set of finished outputs.
-5. End: (2 or 3)*N*C is recorded as rotation b's footprint; the last program
-   bumps the epoch.
+   gather-s; its first row also the signatures), writes residual_out (output)
+   and runs RMSNorm + quantisation on the whole row locally. Every rank
+   normalises every row from the same h with the same code, so the results are
+   bit-identical across ranks; the all-gather moves only h, never the larger
+   set of finished outputs.
+5. End: N*16 + (2 or 3)*N*C is recorded as rotation b's footprint; the last
+   program bumps the epoch.
 
 Splitting by elements rather than token rows keeps every rank busy for any
 T >= 1, T < N included. Steps 3 and 4 wait on pieces other programs of the same
@@ -38,10 +42,13 @@ import triton.language as tl
 
 from .epilogue import load_scale, process_rows
 from .protocol import (
+    HDR_SLOT,
     call_begin,
     call_end,
     clear_stale,
+    publish_signature,
     sanitize,
+    signature,
     store_to_peers,
     sum_slots,
     wait_filled,
@@ -50,47 +57,51 @@ from .ptx import release_dependents, wait_for_previous_grid
 
 
 @triton.jit
-def gathered_chunk(rot_ptr, chunk, row, cols, cm, H, world_size, deadline, state_ptr,
+def gathered_chunk(rot_ptr, chunk, row, cols, cm, H, check, sig, rank, deadline, state_ptr,
                    err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM: tl.constexpr,
-                   WRITE_OUTPUT: tl.constexpr):
+                   WRITE_OUTPUT: tl.constexpr, WORLD: tl.constexpr):
     """Wait for this row chunk in the gather regions; write residual_out (output)."""
     DT = out_ptr.dtype.element_ty
     e = row * H + cols
     owner = e // chunk
-    h = wait_filled(rot_ptr + world_size * chunk + e, cm, owner, deadline, state_ptr,
-                    err_addr).to(DT, bitcast=True)
+    h = wait_filled(rot_ptr, WORLD * chunk + e, cm, owner, sig, check, rank, deadline,
+                    state_ptr, err_addr, WORLD).to(DT, bitcast=True)
     if NORM:
         tl.store(residual_out_ptr + e, h, mask=cm)
         if WRITE_OUTPUT:
-            s = wait_filled(rot_ptr + 2 * world_size * chunk + e, cm, owner, deadline,
-                            state_ptr, err_addr)
+            s = wait_filled(rot_ptr, 2 * WORLD * chunk + e, cm, owner, sig, 0, rank,
+                            deadline, state_ptr, err_addr, WORLD)
             tl.store(out_ptr + e, s.to(DT, bitcast=True), mask=cm)
     else:
         tl.store(out_ptr + e, h, mask=cm)
     return h
 
 
-@triton.jit(do_not_specialize=["scale_value", "eps", "weight_bias", "T", "rank", "world_size",
+@triton.jit(do_not_specialize=["scale_value", "eps", "weight_bias", "T", "rank",
                                "timeout_us"])
 def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr,
                    residual_in_ptr, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr,
                    scale_out_ptr, scale_ptr, scale_value, eps, weight_bias, T, H, rank,
-                   world_size, buf_stride, chunk, timeout_us,
+                   buf_stride, chunk, timeout_us,
                    NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr, WRITE_NORM: tl.constexpr,
                    QUANT: tl.constexpr, LAYOUT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
                    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PUSH_BLOCK: tl.constexpr,
-                   CANON: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_AT_END: tl.constexpr):
+                   CANON: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_AT_END: tl.constexpr,
+                   WORLD: tl.constexpr, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
-    epoch, aborted, deadline = call_begin(state_ptr, timeout_us)
+    epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
     if aborted == 0:
         DT = out_ptr.dtype.element_ty
         IT = buf_ptr.dtype.element_ty
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         rot_off = (epoch % 3) * buf_stride
+        data_off = rot_off + WORLD * HDR_SLOT
+        sig = signature(T, H, epoch, SIG_MISC, HDR_TILE)
+        publish_signature(sig, rot_off, rank, buf_ptr, deltas_ptr, WORLD)
         n = T * H
         # 1. Scatter this rank's piece of every owner's chunk.
-        for p in range(world_size):
+        for p in tl.static_range(WORLD):
             lo = p * chunk
             length = tl.minimum(tl.maximum(n - lo, 0), chunk)
             d = tl.multiple_of(tl.load(deltas_ptr + p), 16)
@@ -98,8 +109,8 @@ def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
                 offs = start + tl.arange(0, PUSH_BLOCK)
                 m = offs < length
                 bits = sanitize(tl.load(x_bits_ptr + lo + offs, mask=m), CANON)
-                tl.store(buf_ptr + d + rot_off + rank * chunk + offs, bits, mask=m)
-        clear_stale(buf_ptr, state_ptr, epoch, buf_stride, PUSH_BLOCK)
+                tl.store(buf_ptr + d + data_off + rank * chunk + offs, bits, mask=m)
+        clear_stale(buf_ptr, stale, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)
         # 3. Reduce the owned chunk and all-gather h (and cast(s)).
@@ -109,29 +120,28 @@ def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
             offs = start + tl.arange(0, PUSH_BLOCK)
             m = offs < length
             e = lo + offs
-            s = sum_slots(buf_ptr + rot_off, offs, m, chunk, world_size, deadline, state_ptr,
-                          err_addr, DT)
-            if NORM:
+            r = tl.zeros([PUSH_BLOCK], tl.float32)
+            if NORM:  # loaded before the poll: its latency overlaps the wait
                 r = tl.load(residual_in_ptr + e, mask=m, other=0).to(tl.float32)
+            s = sum_slots(buf_ptr + rot_off, offs, m, chunk, sig, start == pid * PUSH_BLOCK,
+                          rank, deadline, state_ptr, err_addr, WORLD, DT)
+            if NORM:
                 h = (s + r).to(DT)
                 if WRITE_OUTPUT:
                     store_to_peers(sanitize(s.to(DT).to(IT, bitcast=True), CANON),
-                                   rot_off + 2 * world_size * chunk + e, m, buf_ptr,
-                                   deltas_ptr, world_size)
+                                   data_off + 2 * WORLD * chunk + e, m, buf_ptr, deltas_ptr,
+                                   WORLD)
             else:
                 h = s.to(DT)
             store_to_peers(sanitize(h.to(IT, bitcast=True), CANON),
-                           rot_off + world_size * chunk + e, m, buf_ptr, deltas_ptr,
-                           world_size)
+                           data_off + WORLD * chunk + e, m, buf_ptr, deltas_ptr, WORLD)
         # 4. Finish whole rows from the gathered h.
         scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
-        process_rows(gathered_chunk, buf_ptr + rot_off, chunk, T, H, world_size, deadline,
+        process_rows(gathered_chunk, buf_ptr + rot_off, chunk, T, H, sig, rank, deadline,
                      state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
                      norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale, NORM,
-                     WRITE_OUTPUT, WRITE_NORM, QUANT, LAYOUT, BLOCK, NUM_CHUNKS)
-        if NORM and WRITE_OUTPUT:
-            call_end(state_ptr, epoch, 3 * world_size * chunk)
-        else:
-            call_end(state_ptr, epoch, 2 * world_size * chunk)
+                     WRITE_OUTPUT, WRITE_NORM, QUANT, LAYOUT, BLOCK, NUM_CHUNKS, WORLD)
+        regions = 3 if NORM and WRITE_OUTPUT else 2
+        call_end(state_ptr, epoch, WORLD * HDR_SLOT + regions * WORLD * chunk)
     if TRIGGER_AT_END:
         release_dependents(USE_PDL)

@@ -1,0 +1,90 @@
+"""Cold start: build the kernel variants a workspace's calls will need before the first call.
+
+Triton compiles a kernel variant on its first use: seconds each, and a process
+serving many patterns meets dozens. A variant is fixed by the pattern, the input
+dtype, the hidden size, the strategy, the PDL flags, whether `output` is passed,
+whether `scale_factor` is a tensor and the NVFP4 layout (not by the token count).
+`precompile` issues one tiny example call per combination asked for under
+`workspace.compile_only()`: everything is compiled and loaded, nothing launches,
+no peer is needed. Triton keeps what it compiled on disk (`TRITON_CACHE_DIR`,
+default ~/.triton/cache), so a later process only loads it.
+
+Ranks that are processes split the work: rank r compiles every N-th variant, the
+ranks meet (for at most the workspace's wait bound), then each loads the rest
+from the disk cache. Ranks that are threads of one process share Triton's
+in-memory cache: rank 0 compiles everything and the others find it there.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+
+from .comm import bounded, is_in_process
+from .patterns import PATTERNS, Quant, QuantizationSFLayout, pattern_supports
+
+
+def example_calls(workspace, patterns: Iterable[int] | None = None,
+                  launch_with_pdl: Iterable[bool] = (False, True),
+                  with_output: Iterable[bool] = (False,),
+                  scale_tensor: Iterable[bool] = (False, True),
+                  layout_codes: Iterable[int] = (QuantizationSFLayout.SWIZZLED_128x4,),
+                  dtypes: Iterable[torch.dtype] | None = None) -> list[dict]:
+    """allreduce_fusion keyword arguments, one call per variant asked for, at the
+    workspace's hidden size, both strategies where the workspace allows them, PDL
+    with either trigger. The defaults cover vLLM's and SGLang's calls."""
+    h, device = workspace.hidden_dim, workspace.device
+    dtypes = [workspace.dtype] if dtypes is None else list(dtypes)
+    strategies = [None] if workspace.world_size == 1 else [
+        o for o in (True, False) if workspace.capacity(o) >= h]
+    pdl = [(p, t) for p in launch_with_pdl for t in ((True, False) if p else (True,))]
+    calls = []
+    for pattern, dtype in itertools.product(
+            sorted(PATTERNS) if patterns is None else patterns, dtypes):
+        traits = PATTERNS[pattern]
+        if not pattern_supports(pattern, h, dtype):
+            continue
+        static_quant = traits.quant in (Quant.FP8, Quant.NVFP4)
+        for oneshot, (use_pdl, trigger), out, tensor_scale, layout in itertools.product(
+                strategies, pdl, with_output if traits.norm else (True,),
+                scale_tensor if static_quant else (False,),
+                layout_codes if traits.quant == Quant.NVFP4 else (None,)):
+            x = torch.zeros(1, h, dtype=dtype, device=device)
+            kw = dict(input=x, pattern=pattern, use_oneshot=oneshot, launch_with_pdl=use_pdl,
+                      trigger_completion_at_end=trigger)
+            if out:
+                kw["output"] = torch.empty_like(x)
+            if traits.norm:
+                kw.update(residual_in=torch.zeros_like(x), rms_gamma=torch.ones_like(x[0]))
+            if static_quant:
+                kw["scale_factor"] = (torch.ones(1, device=device) if tensor_scale else 1.0)
+            if layout is not None:
+                kw["layout_code"] = layout
+            calls.append(kw)
+    return calls
+
+
+def precompile(workspace, **variants) -> int:
+    """Compile and load every variant `example_calls(workspace, **variants)` lists;
+    collective when ranks are processes (see the module docstring). Returns how
+    many variants were asked for."""
+    from .api import allreduce_fusion
+
+    calls = example_calls(workspace, **variants)
+    n, rank, comm = workspace.world_size, workspace.rank, workspace.comm
+    if n == 1 or comm is None:
+        first, then = calls, []
+    elif is_in_process(comm):
+        first, then = (calls, []) if rank == 0 else ([], calls)
+    else:
+        first, then = calls[rank::n], calls
+    with workspace.compile_only():
+        for kw in first:
+            allreduce_fusion(workspace=workspace, **kw)
+        if n > 1 and comm is not None:
+            bounded(comm.barrier, workspace.timeout_s)
+        for kw in then:
+            allreduce_fusion(workspace=workspace, **kw)
+    return len(calls)
