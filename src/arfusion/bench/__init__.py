@@ -139,6 +139,7 @@ def main(args: argparse.Namespace) -> int:
         rows, tp = _one_gpu(args, dtypes, backends, copy)
     header = report.header(args.world_size)
     extras = dict(copy_GBps=copy, host_us=runs.host_costs(dtypes[0]), tp_layer=tp,
+                  first_call=runs.cold_start(),
                   footprint=report.footprints(args.world_size, max(args.tokens),
                                               max(args.hidden), dtypes[0]))
     if args.tune:

@@ -81,6 +81,10 @@ def markdown(header: dict, rows: list[dict], extras: dict) -> str:
         notes.append(f"- host cost of one eager call: allreduce_fusion "
                      f"{host['allreduce_fusion']:.1f} us vs torch.add_ {host['torch_add_']:.1f} "
                      "us, same process")
+    if first := extras.get("first_call"):
+        notes.append(f"- workspace creation to first completed call, new process: "
+                     f"{first['cold_s']:.1f} s with an empty Triton cache, "
+                     f"{first['warm_s']:.2f} s with it warm")
     if fp:
         notes.append(f"- symmetric memory per rank for {fp['config']}: trtllm "
                      f"{fp['trtllm'] / 2**20:.0f} MiB, mnnvl {fp['mnnvl'] / 2**20:.0f} MiB "

@@ -23,8 +23,8 @@ import torch
 from .. import reference, testing
 from ..api import allreduce_fusion, create_allreduce_fusion_workspace
 from ..comm import InProcessBackend, InProcessGroup, TorchDistBackend
-from ..patterns import PATTERNS, Quant
-from ..testing import Case, case_kwargs, case_outputs, pattern_supports
+from ..patterns import PATTERNS, Quant, pattern_supports
+from ..testing import Case, case_kwargs, case_outputs
 from . import baselines
 from .timing import (
     epilogue_bytes,
@@ -241,6 +241,39 @@ def host_costs(dtype) -> dict:
         a = torch.ones(8, 4096, dtype=dtype, device="cuda")
         return dict(allreduce_fusion=host_us(lambda: allreduce_fusion(x, ws, 1, **o, **k)),
                     torch_add_=host_us(lambda: a.add_(a)))
+
+
+# One process from workspace creation to its first completed call (CUDA context made
+# first, not counted): kARResidualRMSNorm, 16 x 4096 bf16, world size 1.
+_FIRST_CALL = """
+import sys, time, torch
+torch.cuda.init()
+start = time.perf_counter()
+from arfusion import allreduce_fusion, create_allreduce_fusion_workspace
+ws = create_allreduce_fusion_workspace("trtllm", world_size=1, rank=0, max_token_num=16,
+                                       hidden_dim=4096, dtype=torch.bfloat16)
+x = torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda")
+allreduce_fusion(x, ws, 1, residual_in=torch.zeros_like(x), rms_gamma=torch.ones_like(x[0]))
+torch.cuda.synchronize()
+print(time.perf_counter() - start)
+ws.destroy()
+"""
+
+
+def cold_start() -> dict:
+    """Seconds from creating a workspace to the first completed call, in a new process:
+    cold (empty Triton cache: everything compiles) and warm (the same cache again)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        times = [float(subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env,
+                                      check=True, capture_output=True,
+                                      text=True).stdout.split()[-1]) for _ in range(2)]
+    return dict(cold_s=times[0], warm_s=times[1])
 
 
 TP_SHAPE = (64, 4096)  # tokens, hidden of the TP block (intermediate 4 * hidden)
