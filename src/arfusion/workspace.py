@@ -21,6 +21,7 @@ import torch
 from .patterns import SUPPORTED_DTYPES
 
 if TYPE_CHECKING:
+    from .comm import CommBackend
     from .validation import FusionCall
 
 
@@ -147,7 +148,7 @@ class AllReduceFusionWorkspace(abc.ABC):
         yield
 
     @property
-    def comm(self):
+    def comm(self) -> CommBackend | None:
         """The CommBackend the ranks met through (None where there is none to share)."""
         return None
 

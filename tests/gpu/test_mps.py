@@ -4,9 +4,8 @@ processes), with the CUDA Multi-Process Service so that the processes' kernels r
 concurrently. Real clients' call sequences (tests/clients.py) at 2 and 4 ranks, both
 backends, against arfusion.reference and equal on every rank.
 
-Marked `mps` and left out of the default GPU suite until it has run green on a device
-(`bash scripts/gpu_suite.sh -m mps` runs it): the daemon must start before the pytest
-process creates a CUDA context of its own.
+Marked `mps`: scripts/gpu_suite.sh runs these first, in a pytest process of their own,
+because the daemon must start before the pytest process creates a CUDA context.
 """
 
 from __future__ import annotations
