@@ -10,9 +10,10 @@ no peer is needed. Triton keeps what it compiled on disk (`TRITON_CACHE_DIR`,
 default ~/.triton/cache), so a later process only loads it.
 
 Ranks that are processes split the work: rank r compiles every N-th variant, the
-ranks meet (for at most the workspace's wait bound), then each loads the rest
-from the disk cache. Ranks that are threads of one process share Triton's
-in-memory cache: rank 0 compiles everything and the others find it there.
+ranks meet (for at most the workspace's wait bound: a rank that does not come
+only leaves its share to the others), then each loads the rest from the disk
+cache. Ranks that are threads of one process share Triton's in-memory cache:
+rank 0 compiles everything while the others wait, then they find it there.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def precompile(workspace, **variants) -> int:
         for kw in first:
             allreduce_fusion(workspace=workspace, **kw)
         if n > 1 and comm is not None:
-            bounded(comm.barrier, workspace.timeout_s)
+            if is_in_process(comm):  # rank 0 compiles, however long that takes
+                comm.barrier()
+            else:  # a rank that did not come only costs the others its share
+                bounded(comm.barrier, workspace.timeout_s)
         for kw in then:
             allreduce_fusion(workspace=workspace, **kw)
     return len(calls)
