@@ -1,10 +1,12 @@
 """Drop-in behaviour on the CPU torch backend: real clients' call sequences (tests/clients.py)
 over gloo at 2 and 3 ranks, bit-exact against arfusion.reference and equal across ranks;
-mismatched calls named on every rank; bounded waits; destroy() with a peer gone; the
-module paths clients import from."""
+mismatched calls named on every rank; bounded waits; a rank killed mid-sequence; destroy()
+with a peer gone; the module paths clients import from."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -95,6 +97,46 @@ def test_torch_backend_wait_is_bounded_and_names_the_missing_rank():
     for rank in (0, 2):
         kind, elapsed = results[rank]
         assert kind == "raised" and 1.5 < elapsed < 10.0
+
+
+def _killed_rank(rank: int, world: int) -> tuple:
+    ws = create_allreduce_fusion_workspace("torch", world_size=world, rank=rank,
+                                           max_token_num=4, hidden_dim=16, dtype=torch.float32)
+    ws.timeout_s = 2.0
+    x = torch.full((4, 16), float(rank + 1))
+    for _ in range(3):
+        assert allreduce_fusion(x.clone(), ws, P.kAllReduce).eq(sum(range(1, world + 1))).all()
+    if rank == world - 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-sequence, no goodbye
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"rank {rank}: ranks \[{world - 1}\] did not arrive"):
+        allreduce_fusion(x, ws, P.kAllReduce)
+    waited = time.monotonic() - start
+    start = time.monotonic()
+    ws.destroy()
+    return waited, time.monotonic() - start
+
+
+def test_survivors_of_a_killed_rank_name_it_within_the_bound_and_destroy_returns():
+    results = run_processes(3, _killed_rank, timeout_s=120, may_die={2})
+    assert results[2] is None
+    for waited, destroyed in results[:2]:
+        assert 1.5 < waited < 10.0 and destroyed < 5.0
+
+
+def _exits_early(rank: int, world: int) -> int:
+    if rank == 1:
+        os._exit(3)
+    return rank
+
+
+def test_run_processes_fails_at_once_when_a_rank_exits_without_reporting():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError,
+                       match=r"ranks \[1\] exited without reporting \(exit codes \[3\]\)"):
+        run_processes(2, _exits_early, timeout_s=300)
+    assert time.monotonic() - start < 60
+    assert run_processes(2, _exits_early, timeout_s=300, may_die={1}) == [0, None]
 
 
 class _Buffer(SymmetricBuffer):

@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,12 +168,16 @@ def run_processes(
     *args: Any,
     backend: str = "gloo",
     timeout_s: float = 600.0,
+    may_die: Collection[int] = (),
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes.
 
     Each process joins a `torch.distributed` group (`backend`); `fn` must be
     importable by module path (spawn pickles it). Returns the results by rank;
-    raises RuntimeError with the failing ranks' tracebacks.
+    raises RuntimeError with the failing ranks' tracebacks. A rank in `may_die`
+    may exit without reporting (a test that kills it): its result is None. Any
+    other rank that exits without reporting fails the run at once, not at the
+    timeout.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -186,27 +191,50 @@ def run_processes(
         for p in procs:
             p.start()
         out: dict[int, tuple[bool, Any]] = {}
+        dead: dict[int, int] = {}  # exited without reporting: exit code
         try:
-            while len(out) < world_size:
-                rank, ok, payload = results.get(timeout=timeout_s)
-                out[rank] = (ok, payload)
-                if not ok:
-                    break
-        except queue_mod.Empty:
-            pass
+            dead = _collect(procs, results, out, timeout_s, set(may_die))
         finally:
             for p in procs:
-                p.join(timeout=5 if len(out) == world_size else 0.1)
+                p.join(timeout=5 if len(out) + len(dead) == world_size else 0.1)
                 if p.is_alive():
                     p.kill()
     failed = {r: payload for r, (ok, payload) in out.items() if not ok}
     if failed:
         raise RuntimeError("ranks failed:\n" + "\n".join(f"[rank {r}] {tb}" for r, tb in
                                                            sorted(failed.items())))
-    if len(out) < world_size:
-        missing = sorted(set(range(world_size)) - set(out))
+    if unexpected := {r: code for r, code in dead.items() if r not in may_die}:
+        raise RuntimeError(f"ranks {sorted(unexpected)} exited without reporting "
+                           f"(exit codes {[unexpected[r] for r in sorted(unexpected)]})")
+    if missing := sorted(set(range(world_size)) - set(out) - set(dead)):
         raise RuntimeError(f"ranks {missing} did not report within {timeout_s} s")
-    return [out[r][1] for r in range(world_size)]
+    return [out[r][1] if r in out else None for r in range(world_size)]
+
+
+def _collect(procs: list, results, out: dict[int, tuple[bool, Any]], timeout_s: float,
+             may_die: set[int]) -> dict[int, int]:
+    """Gather reports into `out` until every rank reported or died, one failed, a rank
+    not in `may_die` died, or the timeout; returns the ranks that died without
+    reporting (a process that just exited gets a second for its report to arrive)."""
+    end = time.monotonic() + timeout_s
+    exited: dict[int, float] = {}
+    while len(out) < len(procs) and time.monotonic() < end:
+        try:
+            rank, ok, payload = results.get(timeout=0.25)
+        except queue_mod.Empty:
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if r not in out and p.exitcode is not None:
+                    exited.setdefault(r, now)
+            dead = {r: procs[r].exitcode for r, t in exited.items()
+                    if r not in out and now - t > 1.0}
+            if set(dead) - may_die or len(out) + len(dead) == len(procs):
+                return dead
+            continue
+        out[rank] = (ok, payload)
+        if not ok:
+            break
+    return {r: procs[r].exitcode for r in exited if r not in out}
 
 
 MPS_ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
