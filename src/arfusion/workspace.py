@@ -135,11 +135,13 @@ class AllReduceFusionWorkspace(abc.ABC):
     def check(self) -> None:
         """Raise RuntimeError if an earlier call failed (a peer never arrived)."""
         if missing := self.failed_ranks():
-            raise RuntimeError(
-                f"rank {self.rank}: ranks {missing} did not arrive within "
-                f"{self.timeout_s:g} s in an earlier allreduce_fusion call; this workspace "
-                "is unusable: destroy it and create a new one on every rank"
-            )
+            raise RuntimeError(self.missing_message(missing, "an earlier"))
+
+    def missing_message(self, missing: list[int], which: str) -> str:
+        """What every rank that waited in vain raises (`which` call: "this", "an earlier")."""
+        return (f"rank {self.rank}: ranks {missing} did not arrive within {self.timeout_s:g} s "
+                f"in {which} allreduce_fusion call; this workspace is unusable: destroy it and "
+                "create a new one on every rank")
 
     @contextlib.contextmanager
     def compile_only(self) -> Iterator[None]:

@@ -162,7 +162,7 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         if not bounded(exchange, self.timeout_s):
             behind = self._board.behind(self._seq) if self._board is not None else None
             self._missing = behind or [r for r in range(self.world_size) if r != self.rank]
-            self.check()
+            raise RuntimeError(self.missing_message(self._missing, "this"))
         if any(sig != mine for sig in got):
             raise RuntimeError(signature.mismatch_message(
                 self.rank, dict(enumerate(got)), SIGNATURE,
