@@ -62,3 +62,22 @@ def test_roofline_bytes_follow_the_protocol():
     assert lamport_bytes(1, 128, 4096, 2, True) == 0
     assert epilogue_bytes(0, 128, 4096, 2) == 2 * e * 2  # kAllReduce: read x, write output
     assert epilogue_bytes(3, 16, 64, 2) == 3 * 16 * 64 * 2 + 16 * 64 // 2 + 16 * 64 // 16
+
+
+def test_host_us_takes_turns_and_reports_the_median_block():
+    from arfusion.bench.timing import host_us
+
+    calls = {"a": 0, "b": 0}
+    order = []
+
+    def counter(name):
+        def fn():
+            calls[name] += 1
+            if not order or order[-1] != name:
+                order.append(name)
+        return fn
+
+    got = host_us({"a": counter("a"), "b": counter("b")}, blocks=3, n=10)
+    assert set(got) == {"a", "b"} and all(v > 0 for v in got.values())
+    assert calls == {"a": 50 + 3 * 10, "b": 50 + 3 * 10}
+    assert order == ["a", "b"] * 4  # warm-up, then the blocks alternate

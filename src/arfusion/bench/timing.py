@@ -109,18 +109,27 @@ def time_ranks_graph(calls_by_rank: list[list[Callable[[], None]]], replays: int
     return us
 
 
-def host_us(fn: Callable[[], object], n: int = 2000) -> float:
-    """Host microseconds per eager call of `fn` (the device is kept busy enough not to
-    throttle the host: it is synchronised only at the ends)."""
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
+def host_us(fns: dict[str, Callable[[], object]], blocks: int = 9,
+            n: int = 250) -> dict[str, float]:
+    """Host microseconds per eager call of each of `fns`: the median over `blocks`
+    blocks of `n` calls, the functions taking turns block by block, so that all see the
+    same host (one long block per function let a busy moment land on one of them:
+    the same build measured 19.6 and 52.5 us). The device is synchronised only between
+    blocks, and kept busy enough within one not to throttle the host."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(50):
+            fn()
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - start) / n * 1e6)
+    sync()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_gbps(nbytes: int = 1 << 30, replays: int = 20) -> float:
