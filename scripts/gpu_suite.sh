@@ -6,7 +6,7 @@
 # table last. Triton's cache lives in .triton-cache (carry it to skip recompiling).
 # GPU_SUITE_WARM=J first runs the non-MPS tests compile-only (tests/conftest.py) in J
 # parallel shards, which fills a cold cache J times faster than the tests' own first calls.
-# GPU_SUITE_PARTS="mps" or "not mps" runs one part only (default "mps,not mps").
+# GPU_SUITE_PARTS="mps" or "not mps" runs one part only, "" none (default "mps,not mps").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
@@ -31,7 +31,8 @@ if [ "${GPU_SUITE_WARM:-0}" -gt 1 ]; then
     echo "compile-only warm-up: $(wc -l < "$ids/all") tests in $GPU_SUITE_WARM shards," \
         "$((SECONDS - start)) s, $(ls "$TRITON_CACHE_DIR" | wc -l) cache entries"
 fi
-IFS=, read -ra parts <<< "${GPU_SUITE_PARTS:-mps,not mps}"
+IFS=, read -ra parts <<< "${GPU_SUITE_PARTS-mps,not mps}"
+[ "${#parts[@]}" -eq 0 ] && exit "$status"  # GPU_SUITE_PARTS="": the warm-up alone
 for part in "${parts[@]}"; do
     log="$OUT/gpu-${part// /-}.log"
     python3 -m pytest tests/gpu -p no:cacheprovider -q -rA --tb=short \
