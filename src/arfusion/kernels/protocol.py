@@ -42,9 +42,9 @@ call k, clearing included. Hence consecutive calls need no barrier and no host
 synchronisation.
 
 State (local device memory, int64): STATE_EPOCH (the call counter k),
-STATE_DONE (programs finished in this call), STATE_USED + r (elements used in
-rotation r, cleared one call later), STATE_ABORT (set once a wait failed). A
-call reads all of them in one round trip. The last program to finish a call
+STATE_DONE (programs finished in this call), STATE_USED + r (what rotation r
+used, in 16-element units, cleared one call later), STATE_ABORT (set once a
+wait failed). A call reads all of them in one round trip. The last program to finish a call
 bumps the epoch, so every program of a call reads the same k however the grid
 is scheduled, and a CUDA graph replay advances it on the device.
 
@@ -233,9 +233,9 @@ def store_to_peers(bits, offs, mask, buf_ptr, deltas_ptr, WORLD: tl.constexpr):
 
 @triton.jit
 def call_begin(state_ptr, timeout_us):
-    """The call counter, abort flag and the previous call's footprint, read in one
-    round trip; the wait deadline (the timeout travels in microseconds, an i32 for
-    any bound up to 35 minutes)."""
+    """The call counter, abort flag and the previous call's footprint (16-element
+    units), read in one round trip; the wait deadline (the timeout travels in
+    microseconds, an i32 for any bound up to 35 minutes)."""
     epoch = tl.load(state_ptr + STATE_EPOCH)
     aborted = tl.load(state_ptr + STATE_ABORT)
     u0 = tl.load(state_ptr + STATE_USED)
@@ -249,11 +249,12 @@ def call_begin(state_ptr, timeout_us):
 
 @triton.jit
 def clear_stale(buf_ptr, stale, epoch, buf_stride, BLOCK: tl.constexpr):
-    """Reset to the sentinel the `stale` elements the previous call used of its
-    rotation (this rank's)."""
-    # Footprints are whole 16-element slots: the hint lets the masked stores be
-    # 16 bytes wide (a bound loaded at run time is otherwise of unknown alignment).
-    used = tl.multiple_of(stale, 16)
+    """Reset to the sentinel what the previous call used of its rotation (this rank's):
+    `stale` 16-element units."""
+    # The bound is a product with 16, so Triton knows every 16-element group is wholly
+    # in or out and stores 16 bytes at a time (with the bound as loaded, even marked
+    # tl.multiple_of after a select, the SASS stored 2 bytes at a time).
+    used = stale.to(tl.int32) * 16
     base = buf_ptr + ((epoch + 2) % 3) * buf_stride
     sentinel = tl.full([BLOCK], -1, dtype=buf_ptr.dtype.element_ty)
     for start in range(tl.program_id(0) * BLOCK, used, tl.num_programs(0) * BLOCK):
@@ -263,9 +264,10 @@ def clear_stale(buf_ptr, stale, epoch, buf_stride, BLOCK: tl.constexpr):
 
 @triton.jit
 def call_end(state_ptr, epoch, used):
-    """Record this call's footprint; the last program to finish bumps the epoch."""
+    """Record this call's footprint (`used` elements, whole 16-element slots); the last
+    program to finish bumps the epoch."""
     if tl.program_id(0) == 0:
-        tl.store(state_ptr + STATE_USED + epoch % 3, used)
+        tl.store(state_ptr + STATE_USED + epoch % 3, used // 16)
     done = tl.atomic_add(state_ptr + STATE_DONE, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
         tl.store(state_ptr + STATE_DONE, 0)
