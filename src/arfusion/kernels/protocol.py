@@ -268,7 +268,11 @@ def call_end(state_ptr, epoch, used):
     program to finish bumps the epoch."""
     if tl.program_id(0) == 0:
         tl.store(state_ptr + STATE_USED + epoch % 3, used // 16)
-    done = tl.atomic_add(state_ptr + STATE_DONE, 1, sem="acq_rel")
+    # Relaxed: the counter only elects the last program (read-modify-writes of one
+    # address are totally ordered); nothing else need be visible before the kernel
+    # ends, which makes all of it visible to the next call. acq_rel fenced every
+    # program's outstanding stores first (MEMBAR.ALL.GPU in the SASS).
+    done = tl.atomic_add(state_ptr + STATE_DONE, 1, sem="relaxed")
     if done == tl.num_programs(0) - 1:
         tl.store(state_ptr + STATE_DONE, 0)
         tl.store(state_ptr + STATE_EPOCH, epoch + 1)
