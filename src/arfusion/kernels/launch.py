@@ -6,11 +6,11 @@ two-shot Lamport kernel.
 Hot path: the first call of a (signature, strategy, pointer alignment) goes
 through Triton's JIT, which compiles the variant if needed and returns the
 compiled kernel; it is kept with its grid and constants. Later calls launch it
-directly through Triton's driver launcher with raw pointers: no argument
-specialisation, no allocation, no synchronisation. The key holds everything
-Triton specialises on (dtypes and shapes through the validation plan, the
-16-byte alignment of every pointer), so the direct path always runs the kernel
-the JIT would have picked.
+directly through Triton's driver launcher (its C function where `launch_entry`
+allows) with raw pointers: no argument specialisation, no allocation, no
+synchronisation. The key holds everything Triton specialises on (dtypes and
+shapes through the validation plan, the 16-byte alignment of every pointer), so
+the direct path always runs the kernel the JIT would have picked.
 
 `Launcher.compile_only` compiles and loads the variant a call needs without
 launching it (ranks that share a GPU compile everything first: see
@@ -64,7 +64,8 @@ class Resources:
 class Prepared:
     """A compiled variant and what its launches share."""
 
-    kernel: Any  # triton CompiledKernel
+    launch: Callable  # called as launch(grid, 1, 1, stream, *head, *args, *consts)
+    head: tuple  # what `launch` takes between the stream and the kernel's arguments
     grid: int
     stride: int  # one-shot slot / two-shot chunk elements (Lamport kernels)
     consts: tuple  # the constexpr arguments, in signature order
@@ -131,9 +132,7 @@ class Launcher:
         else:
             args = (ptrs[0], *self._static, res.err_addr, *ptrs[1:], *scalars, res.rank,
                     res.buf_stride, prep.stride, min(int(timeout_s * 1e6), MAX_TIMEOUT_US))
-        kernel = prep.kernel
-        kernel.run(prep.grid, 1, 1, _raw_stream(self._device), kernel.function,
-                   kernel.packed_metadata, None, None, None, *args, *prep.consts)
+        prep.launch(prep.grid, 1, 1, _raw_stream(self._device), *prep.head, *args, *prep.consts)
 
     def _first(self, call: FusionCall, oneshot: bool, timeout_s: float,
                tensors: list[torch.Tensor]) -> Prepared:
@@ -180,5 +179,20 @@ class Launcher:
             compiled._init_handles()  # load the module now, not during a later launch
         else:
             compiled = kernel[(grid,)](*args, **consts, **options)
-        return Prepared(compiled, grid, stride,
+        return Prepared(*launch_entry(compiled), grid, stride,
                         tuple(consts[name] for name in kernel.arg_names if name in consts))
+
+
+def launch_entry(compiled: Any) -> tuple[Callable, tuple]:
+    """How later calls launch `compiled` (a loaded triton CompiledKernel): with Triton
+    3.6, whose launcher this layout was read from, straight into its C launch function
+    with what its Python wrapper (CudaLauncher.__call__) would add (about a microsecond
+    less per call), unless the kernel needs scratch memory, which that wrapper allocates
+    per call; otherwise through the wrapper, as Triton's own launches go."""
+    launcher = compiled.run
+    if (triton.__version__.startswith("3.6.") and not launcher.global_scratch_size
+            and not launcher.profile_scratch_size):
+        return launcher.launch, (compiled.function, launcher.launch_cooperative_grid,
+                                 launcher.launch_pdl, None, None, compiled.packed_metadata,
+                                 None, None, None)
+    return launcher, (compiled.function, compiled.packed_metadata, None, None, None)
