@@ -29,7 +29,10 @@ when the data is not).
 
 Polls. A poll loads every element it waits for, all slots together (one round
 trip per spin), and counts the sentinels left in one block reduction per spin;
-data that has already arrived costs one pass.
+data that has already arrived costs one pass. Whether to give up (deadline,
+abort flag) is read after a spin and travels in the next spin's reduction, so
+every warp leaves at the same pass; a poll that gives up with everything
+arrived (the deadline passed in the last spin) reports nothing.
 
 Rotation. During call k every rank clears (sets to the sentinel) the part of
 its own rotation `(k - 1) % 3` that call k-1 used, header included. That is
@@ -77,6 +80,7 @@ CANONICAL_NAN_BITS = {2: 0x7FFF, 4: 0x7FFFFFFF}  # by element size
 HDR_SLOT = tl.constexpr(HEADER_SLOT)
 SIG_ELEMS = tl.constexpr(SIG_LEN)
 SIG_MASK = tl.constexpr(0x7FFF)
+STOP_BIT = tl.constexpr(1 << 24)  # poll_status: unwritten elements + STOP_BIT * stop
 
 
 def error_words(world_size: int) -> int:
@@ -154,10 +158,22 @@ def report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD: tl.c
 
 
 @triton.jit
-def should_stop(deadline, state_ptr):
-    """A poll gives up past its deadline or once any program aborted the workspace."""
+def stop_requested(deadline, state_ptr):
+    """1 past the deadline or once any program aborted the workspace, as this thread
+    sees it: act on it only through `poll_status`."""
     late = globaltimer() > deadline
-    return late | (tl.load(state_ptr + STATE_ABORT, volatile=True) != 0)
+    return (late | (tl.load(state_ptr + STATE_ABORT, volatile=True) != 0)).to(tl.int32)
+
+
+@triton.jit
+def poll_status(unwritten, stop):
+    """One block reduction: the elements still unwritten (`unwritten` per lane, fewer
+    than STOP_BIT in all) and thread 0's `stop`, the same in every warp. So all warps
+    leave a spin at the same pass: a flag each thread read for itself could let warps
+    leave at different passes and the next barrier pair the wrong ones."""
+    lane0 = tl.arange(0, unwritten.shape[0]) == 0
+    total = tl.sum(unwritten + tl.where(lane0, stop * STOP_BIT, 0), axis=0)
+    return total % STOP_BIT, total // STOP_BIT
 
 
 @triton.jit
@@ -182,16 +198,14 @@ def sum_slots(rot_ptr, offs, mask, slot_stride, sig, check, rank, deadline, stat
     data = rot_ptr + WORLD * HDR_SLOT
     s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
     hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-    pending = tl.sum(unwritten, axis=0) + h_unwritten
-    give_up = differ
-    while (pending > 0) & (give_up == 0):
+    pending, stop = poll_status(unwritten, 0)
+    late = 0
+    while (pending + h_unwritten > 0) & (differ == 0) & (stop == 0):
         s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
         hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-        pending = tl.sum(unwritten, axis=0) + h_unwritten
-        give_up = differ
-        if should_stop(deadline, state_ptr):
-            give_up = 1
-    if give_up != 0:
+        pending, stop = poll_status(unwritten, late)
+        late = stop_requested(deadline, state_ptr)  # acted on at the next pass
+    if (pending + h_unwritten > 0) | (differ > 0):
         report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD)
         for q in tl.static_range(WORLD):
             v = load_volatile(data + q * slot_stride + offs, mask)
@@ -208,16 +222,14 @@ def wait_filled(rot_ptr, offs, mask, owner, sig, check, rank, deadline, state_pt
     ptr = rot_ptr + WORLD * HDR_SLOT + offs
     v = load_volatile(ptr, mask)
     hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-    pending = tl.sum((v == -1).to(tl.int32), axis=0) + h_unwritten
-    give_up = differ
-    while (pending > 0) & (give_up == 0):
+    pending, stop = poll_status((v == -1).to(tl.int32), 0)
+    late = 0
+    while (pending + h_unwritten > 0) & (differ == 0) & (stop == 0):
         v = load_volatile(ptr, mask)
         hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-        pending = tl.sum((v == -1).to(tl.int32), axis=0) + h_unwritten
-        give_up = differ
-        if should_stop(deadline, state_ptr):
-            give_up = 1
-    if give_up != 0:
+        pending, stop = poll_status((v == -1).to(tl.int32), late)
+        late = stop_requested(deadline, state_ptr)  # acted on at the next pass
+    if (pending + h_unwritten > 0) | (differ > 0):
         report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD)
         report_missing(state_ptr, err_addr, owner, (v == -1) & mask & (differ == 0))
     return v
