@@ -112,10 +112,13 @@ def main(args: argparse.Namespace) -> int:
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
     backends = args.backends.split(",")
     gc.disable()  # graphs are freed explicitly (a collection mid-capture is not allowed)
-    # Emulated ranks are streams of one process: give every stream its own hardware
-    # queue (the default 8 can put two ranks' streams behind each other). Only takes
-    # effect before this process creates its CUDA context.
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    if not args.mps:
+        # Emulated ranks are streams of one process: give every stream its own hardware
+        # queue (the default 8 can put two ranks' streams behind each other). Only takes
+        # effect before this process creates its CUDA context. Not under MPS: its rank
+        # processes inherit the environment, and 4 clients of 32 queues each failed to
+        # create a stream ("CUDA error: out of memory", H100).
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     if args.mps:
         # Before this process touches CUDA: the rank processes must be MPS clients.
         with testing.mps_daemon() as running:
