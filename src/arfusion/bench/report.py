@@ -107,18 +107,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["mode"], r["pattern"], r["dtype"], r["hidden"]) for r in rows})
+    def group(r: dict) -> tuple:  # one panel per placement, world size and case family
+        return r["mode"], r["world_size"], r["pattern"], r["dtype"], r["hidden"]
+
+    groups = sorted({group(r) for r in rows})
     cols = min(3, len(groups))
     nrows = -(-len(groups) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4 * nrows), squeeze=False)
-    for ax, (mode, pattern, dtype, hidden) in zip(axes.flat, groups, strict=False):
-        part = [r for r in rows if (r["mode"], r["pattern"], r["dtype"], r["hidden"])
-                == (mode, pattern, dtype, hidden)]
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, groups, strict=False):
+        mode, world, pattern, dtype, hidden = key
+        part = [r for r in rows if group(r) == key]
         for method in sorted({r["method"] for r in part}):
             pts = sorted((r["tokens"], r["us"]) for r in part if r["method"] == method)
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
         ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="us per call",
-               title=f"{PATTERNS[pattern].name} {dtype} H={hidden} ({mode})")
+               title=f"{PATTERNS[pattern].name} {dtype} H={hidden} ({mode}, N={world})")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -4,6 +4,7 @@
   epilogue, NCCL / symmetric memory + that epilogue, and a copy of the same bytes.
 - `emulated_rows`: N ranks as N streams of this process on one GPU, every rank's
   graph launched from one thread (no thread skew); their exchange is local HBM traffic.
+  With them, the harness's floor: the same streams running world-size-1 calls.
 - `process_rows`: one process per rank (one GPU each over NCCL and symmetric
   memory, or several on one GPU under MPS over CUDA IPC), max over ranks.
 - `tp_block`: a tensor-parallel block around the fused call, checked and timed.
@@ -27,6 +28,7 @@ from ..patterns import PATTERNS, Quant, pattern_supports
 from ..testing import Case, case_kwargs, case_outputs
 from . import baselines
 from .timing import (
+    copy_us,
     epilogue_bytes,
     host_us,
     lamport_bytes,
@@ -116,10 +118,11 @@ def world1_rows(args, dtype, copy: float) -> list[dict]:
                     rows.append(_row(f"{name} + compiled epilogue", case, us, 1, "world-1"))
             except Exception as e:  # noqa: BLE001 - reported, then left out
                 print(f"baseline failed for {case.label()}: {type(e).__name__}: {e}")
-            src = torch.empty(-(-moved // 16), dtype=torch.int64, device="cuda")
+            # half the bytes moved, read then written, whole 16-element groups (16-byte
+            # accesses in the Triton copy)
+            src = torch.empty(-(-moved // 256) * 16, dtype=torch.int64, device="cuda")
             dst = torch.empty_like(src)
-            us = time_graph(lambda s=src, d=dst: [d.copy_(s) for _ in range(args.calls)],
-                            args.calls, args.replays)
+            us = copy_us(src, dst, args.calls, args.replays)
             rows.append(_row("copy of the same bytes", case, us, 1, "world-1", moved=moved,
                              copy=copy))
     return rows
@@ -176,6 +179,29 @@ def emulated_rows(args, dtype, backends, copy: float) -> list[dict]:
                                  "emulation", STRATEGIES[used], moved, copy))
                 print(f"{label}: {us:.1f} us", flush=True)
         testing.run_ranks(n, lambda ctx, w=wss: w[ctx.rank].destroy(), device="cuda:0")
+    return rows + _harness_floor_rows(args, dtype)
+
+
+HARNESS_FLOOR = "no exchange: N x world size 1"
+
+
+def _harness_floor_rows(args, dtype) -> list[dict]:
+    """What the emulation costs before any exchange: every rank's stream runs world-size-1
+    calls of the case (a workspace of its own, no peer), timed as the ranks are. At few
+    tokens the N streams' small kernels do not fully overlap, so this, not the exchange,
+    is most of an emulated N-rank call."""
+    rows = []
+    with contextlib.ExitStack() as stack:
+        wss = [stack.enter_context(create_allreduce_fusion_workspace(
+            "trtllm", world_size=1, rank=0, max_token_num=max(args.tokens),
+            hidden_dim=max(args.hidden), dtype=dtype,
+            comm_backend=InProcessGroup(1).backends()[0])) for _ in range(args.world_size)]
+        for case in _shapes(args, dtype):
+            ranks = [_Calls(case, r, args.calls) for r in range(args.world_size)]
+            steps = [[lambda c=c, w=w, i=i: c.one(w, i) for i in range(args.calls)]
+                     for c, w in zip(ranks, wss, strict=True)]
+            rows.append(_row(HARNESS_FLOOR, case, time_ranks_graph(steps, args.replays),
+                             args.world_size, "emulation"))
     return rows
 
 
