@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import triton
-import triton.language as tl
 
 from .. import testing
 from ..patterns import PATTERNS, Quant
@@ -134,23 +132,15 @@ def host_us(fns: dict[str, Callable[[], object]], blocks: int = 9,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-@triton.jit
-def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
-
-
 def copy_us(src: torch.Tensor, dst: torch.Tensor, calls: int, replays: int) -> float:
     """Median us per copy of `src` (int64) into `dst`, `calls` copies per graph: the
     faster of torch's `copy_` and a plain Triton copy kernel. Both count: in a graph
     `copy_` becomes a memcpy node, which measured 2.42 TB/s on an H100 where the fused
     kernels moved 2.95, and a slow copy would flatter every roofline share."""
-    def triton_copy() -> None:
-        _copy_kernel[(triton.cdiv(src.numel(), 4096),)](src, dst, src.numel(), BLOCK=4096,
-                                                        num_warps=8)
+    from ..kernels.copy import copy
 
     memcpy = time_graph(lambda: [dst.copy_(src) for _ in range(calls)], calls, replays)
-    kernel = time_graph(lambda: [triton_copy() for _ in range(calls)], calls, replays)
+    kernel = time_graph(lambda: [copy(src, dst) for _ in range(calls)], calls, replays)
     return min(memcpy, kernel)
 
 
