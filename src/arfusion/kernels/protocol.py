@@ -47,9 +47,9 @@ synchronisation.
 State (local device memory, int64): STATE_EPOCH (the call counter k),
 STATE_DONE (programs finished in this call), STATE_USED + r (what rotation r
 used, in 16-element units, cleared one call later), STATE_ABORT (set once a
-wait failed). A call reads all of them in one round trip. The last program to finish a call
-bumps the epoch, so every program of a call reads the same k however the grid
-is scheduled, and a CUDA graph replay advances it on the device.
+wait failed). A call reads all of them in one round trip. The last program to
+finish a call bumps the epoch, so every program of a call reads the same k
+however the grid is scheduled, and a CUDA graph replay advances it on the device.
 
 Bounded waits. A poll gives up at a deadline (globaltimer) or once another
 program has aborted; the ranks it was still waiting for are written to the
