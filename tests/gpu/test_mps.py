@@ -85,9 +85,11 @@ def _cycles_rank(rank: int, world: int, backend: str, cycles: int) -> tuple:
                 with ws.compile_only():
                     run_case(ws, case, rank, world, "cuda")
                 dist.barrier()
-            ok.append(run_case(ws, case, rank, world, "cuda").check.ok)
-            if not ok[-1]:
-                return ok, f"cycle {i}: failed ranks {ws.failed_ranks()}", footprint
+            check = run_case(ws, case, rank, world, "cuda").check
+            # Raised, not returned: a rank that left early would show only as its peer's
+            # broken connection.
+            assert check.ok, f"cycle {i}: {check.problems[:3]}; failed ranks {ws.failed_ranks()}"
+            ok.append(check.ok)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     dist.barrier()

@@ -19,7 +19,8 @@ bit-exact.
 
 Signature. In call k, program 0 of rank r writes the call's signature
 (`arfusion.signature`: tokens, hidden size, dtype, pattern, strategy, k) into
-header slot r of rotation k % 3 of every rank. Every program's first poll loads
+header slot r of rotation k % 3 of every rank, after its share of the data (the
+data goes out first; readers wait for both). Every program's first poll loads
 all N header slots together with its data and uses no value before every slot
 has arrived equal to its own signature. A slot that arrives different stops the
 program at once: the signatures it saw go to the host-visible error array and
@@ -29,10 +30,12 @@ when the data is not).
 
 Polls. A poll loads every element it waits for, all slots together (one round
 trip per spin), and counts the sentinels left in one block reduction per spin;
-data that has already arrived costs one pass. Whether to give up (deadline,
-abort flag) is read after a spin and travels in the next spin's reduction, so
-every warp leaves at the same pass; a poll that gives up with everything
-arrived (the deadline passed in the last spin) reports nothing.
+data that has already arrived costs one pass. The header's state (each warp
+loads it for itself) travels in the same reduction as thread 0 saw it, and
+whether to give up (deadline, abort flag) is read after a spin and travels in
+the next spin's reduction, so every warp leaves at the same pass (warps that
+left at different passes would pair the wrong barriers); a poll that gives up
+with everything arrived (the deadline passed in the last spin) reports nothing.
 
 Rotation. During call k every rank clears (sets to the sentinel) the part of
 its own rotation `(k - 1) % 3` that call k-1 used, header included. That is
@@ -80,7 +83,8 @@ CANONICAL_NAN_BITS = {2: 0x7FFF, 4: 0x7FFFFFFF}  # by element size
 HDR_SLOT = tl.constexpr(HEADER_SLOT)
 SIG_ELEMS = tl.constexpr(SIG_LEN)
 SIG_MASK = tl.constexpr(0x7FFF)
-STOP_BIT = tl.constexpr(1 << 24)  # poll_status: unwritten elements + STOP_BIT * stop
+STOP_BIT = tl.constexpr(1 << 24)  # poll_status: unwritten + STOP_BIT * stop
+DIFFER_BIT = tl.constexpr(1 << 25)  # + DIFFER_BIT * (a header slot differs)
 
 
 def error_words(world_size: int) -> int:
@@ -108,17 +112,18 @@ def signature(T, H, epoch, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
 
 
 @triton.jit
-def publish_signature(sig, rot_off, rank, buf_ptr, deltas_ptr, WORLD: tl.constexpr):
+def publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD: tl.constexpr):
     """Program 0: this rank's signature into its header slot of every rank's rotation."""
     if tl.program_id(0) == 0:
         lanes = tl.arange(0, sig.shape[0])
         store_to_peers(sig.to(buf_ptr.dtype.element_ty), rot_off + rank * HDR_SLOT + lanes,
-                       lanes < SIG_ELEMS, buf_ptr, deltas_ptr, WORLD)
+                       lanes < SIG_ELEMS, buf_ptr, ds, WORLD)
 
 
 @triton.jit
 def header_status(rot_ptr, sig, check, WORLD: tl.constexpr):
-    """While `check`: the header lanes, how many are unwritten, how many differ from `sig`."""
+    """While `check`, as this warp sees them: how many header lanes are unwritten, how
+    many differ from `sig`."""
     lanes = tl.arange(0, sig.shape[0])
     hm = ((lanes % HDR_SLOT) < SIG_ELEMS) & (lanes < WORLD * HDR_SLOT) & (check != 0)
     hv = load_volatile(rot_ptr + lanes, hm).to(tl.int32)
@@ -127,7 +132,7 @@ def header_status(rot_ptr, sig, check, WORLD: tl.constexpr):
     if check != 0:
         unwritten = tl.sum(((hv == -1) & hm).to(tl.int32), axis=0)
         differ = tl.sum(((hv != -1) & (hv != sig) & hm).to(tl.int32), axis=0)
-    return hv, unwritten, differ
+    return unwritten, differ
 
 
 @triton.jit
@@ -141,11 +146,14 @@ def report_missing(state_ptr, err_addr, peer, mask):
 
 
 @triton.jit
-def report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD: tl.constexpr):
+def report_header(rot_ptr, sig, differ, check, rank, state_ptr, err_addr,
+                  WORLD: tl.constexpr):
     """After giving up: the signatures seen if one differed, else the ranks whose
-    header never arrived."""
+    header never arrived. The header is loaded once more: the warps' own views of
+    the last spin may lag the one the decision was taken on (poll_status)."""
     lanes = tl.arange(0, sig.shape[0])
     hm = ((lanes % HDR_SLOT) < SIG_ELEMS) & (lanes < WORLD * HDR_SLOT) & (check != 0)
+    hv = load_volatile(rot_ptr + lanes, hm).to(tl.int32)
     if differ > 0:
         tl.atomic_xchg(state_ptr + STATE_ABORT, 1)
         err = err_addr.to(tl.pointer_type(tl.int32))
@@ -166,14 +174,18 @@ def stop_requested(deadline, state_ptr):
 
 
 @triton.jit
-def poll_status(unwritten, stop):
+def poll_status(unwritten, h_unwritten, differ, stop):
     """One block reduction: the elements still unwritten (`unwritten` per lane, fewer
-    than STOP_BIT in all) and thread 0's `stop`, the same in every warp. So all warps
-    leave a spin at the same pass: a flag each thread read for itself could let warps
-    leave at different passes and the next barrier pair the wrong ones."""
+    than STOP_BIT in all) and thread 0's view of the rest: header lanes unwritten,
+    whether one differs (`header_status`), `stop`. Returns (unwritten, stop, differ),
+    the same in every warp. So all warps leave a spin at the same pass: a flag each
+    warp read for itself (the header, which each warp loads on its own, or the
+    deadline) could let warps leave at different passes and the next barrier pair
+    the wrong ones."""
     lane0 = tl.arange(0, unwritten.shape[0]) == 0
-    total = tl.sum(unwritten + tl.where(lane0, stop * STOP_BIT, 0), axis=0)
-    return total % STOP_BIT, total // STOP_BIT
+    rest = h_unwritten + stop * STOP_BIT + (differ > 0).to(tl.int32) * DIFFER_BIT
+    total = tl.sum(unwritten + tl.where(lane0, rest, 0), axis=0)
+    return total % STOP_BIT, (total // STOP_BIT) % 2, total // DIFFER_BIT
 
 
 @triton.jit
@@ -197,16 +209,16 @@ def sum_slots(rot_ptr, offs, mask, slot_stride, sig, check, rank, deadline, stat
     header too (see Signature). Masked lanes sum to 0."""
     data = rot_ptr + WORLD * HDR_SLOT
     s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
-    hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-    pending, stop = poll_status(unwritten, 0)
+    h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+    pending, stop, differ = poll_status(unwritten, h_unwritten, differ, 0)
     late = 0
-    while (pending + h_unwritten > 0) & (differ == 0) & (stop == 0):
+    while (pending > 0) & (differ == 0) & (stop == 0):
         s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
-        hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-        pending, stop = poll_status(unwritten, late)
+        h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+        pending, stop, differ = poll_status(unwritten, h_unwritten, differ, late)
         late = stop_requested(deadline, state_ptr)  # acted on at the next pass
-    if (pending + h_unwritten > 0) | (differ > 0):
-        report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD)
+    if (pending > 0) | (differ > 0):
+        report_header(rot_ptr, sig, differ, check, rank, state_ptr, err_addr, WORLD)
         for q in tl.static_range(WORLD):
             v = load_volatile(data + q * slot_stride + offs, mask)
             report_missing(state_ptr, err_addr, q, (v == -1) & mask & (differ == 0))
@@ -221,26 +233,36 @@ def wait_filled(rot_ptr, offs, mask, owner, sig, check, rank, deadline, state_pt
     each element, reported if it never does. Masked-off lanes read 0."""
     ptr = rot_ptr + WORLD * HDR_SLOT + offs
     v = load_volatile(ptr, mask)
-    hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-    pending, stop = poll_status((v == -1).to(tl.int32), 0)
+    h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+    pending, stop, differ = poll_status((v == -1).to(tl.int32), h_unwritten, differ, 0)
     late = 0
-    while (pending + h_unwritten > 0) & (differ == 0) & (stop == 0):
+    while (pending > 0) & (differ == 0) & (stop == 0):
         v = load_volatile(ptr, mask)
-        hv, h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
-        pending, stop = poll_status((v == -1).to(tl.int32), late)
+        h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+        pending, stop, differ = poll_status((v == -1).to(tl.int32), h_unwritten, differ, late)
         late = stop_requested(deadline, state_ptr)  # acted on at the next pass
-    if (pending + h_unwritten > 0) | (differ > 0):
-        report_header(hv, sig, differ, check, rank, state_ptr, err_addr, WORLD)
+    if (pending > 0) | (differ > 0):
+        report_header(rot_ptr, sig, differ, check, rank, state_ptr, err_addr, WORLD)
         report_missing(state_ptr, err_addr, owner, (v == -1) & mask & (differ == 0))
     return v
 
 
 @triton.jit
-def store_to_peers(bits, offs, mask, buf_ptr, deltas_ptr, WORLD: tl.constexpr):
-    """Store `bits` at element `offs` of every rank's buffer (this rank's too)."""
+def peer_deltas(deltas_ptr, WORLD: tl.constexpr):
+    """The element distance to every rank's buffer, a tuple: loaded once per call, with
+    the call's first loads (not one round trip more before the first push)."""
+    ds = ()
     for p in tl.static_range(WORLD):
-        d = tl.multiple_of(tl.load(deltas_ptr + p), 16)
-        tl.store(buf_ptr + d + offs, bits, mask=mask)
+        ds = ds + (tl.multiple_of(tl.load(deltas_ptr + p), 16),)
+    return ds
+
+
+@triton.jit
+def store_to_peers(bits, offs, mask, buf_ptr, ds, WORLD: tl.constexpr):
+    """Store `bits` at element `offs` of every rank's buffer (this rank's too); `ds`:
+    peer_deltas."""
+    for p in tl.static_range(WORLD):
+        tl.store(buf_ptr + ds[p] + offs, bits, mask=mask)
 
 
 @triton.jit

@@ -12,9 +12,9 @@ offsets from the end of the header:
 - gather-s, E elements at [2*N*C], only when a residual pattern also writes
   `output`: cast(s).
 
-1. Scatter: program 0 writes this call's signature into header slot r of
-   rotation b of every rank; for each owner p, this rank stores its elements of
-   chunk p, sanitised, into scatter slot r of rotation b of p's buffer.
+1. Scatter: for each owner p, this rank stores its elements of chunk p,
+   sanitised, into scatter slot r of rotation b of p's buffer; then program 0
+   writes this call's signature into header slot r of rotation b of every rank.
 2. Clear: the part of rotation (k-1)%3 of this rank's buffer that call k-1 used
    is reset to the sentinel.
 3. Reduce: the programs split this rank's chunk; each piece is polled in slots
@@ -46,6 +46,7 @@ from .protocol import (
     call_begin,
     call_end,
     clear_stale,
+    peer_deltas,
     publish_signature,
     sanitize,
     signature,
@@ -89,6 +90,7 @@ def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
                    CANON: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_AT_END: tl.constexpr,
                    WORLD: tl.constexpr, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
+    ds = peer_deltas(deltas_ptr, WORLD)
     epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
     if aborted == 0:
         DT = out_ptr.dtype.element_ty
@@ -97,19 +99,18 @@ def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
         nprog = tl.num_programs(0)
         rot_off = (epoch % 3) * buf_stride
         data_off = rot_off + WORLD * HDR_SLOT
-        sig = signature(T, H, epoch, SIG_MISC, HDR_TILE)
-        publish_signature(sig, rot_off, rank, buf_ptr, deltas_ptr, WORLD)
         n = T * H
         # 1. Scatter this rank's piece of every owner's chunk.
         for p in tl.static_range(WORLD):
             lo = p * chunk
             length = tl.minimum(tl.maximum(n - lo, 0), chunk)
-            d = tl.multiple_of(tl.load(deltas_ptr + p), 16)
             for start in range(pid * PUSH_BLOCK, length, nprog * PUSH_BLOCK):
                 offs = start + tl.arange(0, PUSH_BLOCK)
                 m = offs < length
                 bits = sanitize(tl.load(x_bits_ptr + lo + offs, mask=m), CANON)
-                tl.store(buf_ptr + d + data_off + rank * chunk + offs, bits, mask=m)
+                tl.store(buf_ptr + ds[p] + data_off + rank * chunk + offs, bits, mask=m)
+        sig = signature(T, H, epoch, SIG_MISC, HDR_TILE)
+        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)  # after the data
         clear_stale(buf_ptr, stale, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)
@@ -129,12 +130,11 @@ def twoshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr
                 h = (s + r).to(DT)
                 if WRITE_OUTPUT:
                     store_to_peers(sanitize(s.to(DT).to(IT, bitcast=True), CANON),
-                                   data_off + 2 * WORLD * chunk + e, m, buf_ptr, deltas_ptr,
-                                   WORLD)
+                                   data_off + 2 * WORLD * chunk + e, m, buf_ptr, ds, WORLD)
             else:
                 h = s.to(DT)
             store_to_peers(sanitize(h.to(IT, bitcast=True), CANON),
-                           data_off + WORLD * chunk + e, m, buf_ptr, deltas_ptr, WORLD)
+                           data_off + WORLD * chunk + e, m, buf_ptr, ds, WORLD)
         # 4. Finish whole rows from the gathered h.
         scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
         process_rows(gathered_chunk, buf_ptr + rot_off, chunk, T, H, sig, rank, deadline,
