@@ -3,7 +3,9 @@
 Triton compiles a kernel variant on its first use: seconds each, and a process
 serving many patterns meets dozens. A variant is fixed by the pattern, the input
 dtype, the hidden size, the strategy, the PDL flags, whether `output` is passed,
-whether `scale_factor` is a tensor and the NVFP4 layout (not by the token count).
+whether `scale_factor` is a tensor and the NVFP4 layout; by the token count only
+where the backend says so (`tokens`: at world size 1, more rows than fit the GPU
+at once can take another chunk width).
 `precompile` issues one tiny example call per combination asked for under
 `workspace.compile_only()`: everything is compiled and loaded, nothing launches,
 no peer is needed. Triton keeps what it compiled on disk (`TRITON_CACHE_DIR`,
@@ -32,10 +34,12 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
                   with_output: Iterable[bool] = (False,),
                   scale_tensor: Iterable[bool] = (False, True),
                   layout_codes: Iterable[int] = (QuantizationSFLayout.SWIZZLED_128x4,),
-                  dtypes: Iterable[torch.dtype] | None = None) -> list[dict]:
+                  dtypes: Iterable[torch.dtype] | None = None,
+                  tokens: Iterable[int] = (1,)) -> list[dict]:
     """allreduce_fusion keyword arguments, one call per variant asked for, at the
     workspace's hidden size, both strategies where the workspace allows them, PDL
-    with either trigger. The defaults cover vLLM's and SGLang's calls."""
+    with either trigger, each token count of `tokens`. The defaults cover vLLM's and
+    SGLang's calls."""
     h, device = workspace.hidden_dim, workspace.device
     dtypes = [workspace.dtype] if dtypes is None else list(dtypes)
     strategies = [None] if workspace.world_size == 1 else [
@@ -48,11 +52,11 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
         if not pattern_supports(pattern, h, dtype):
             continue
         static_quant = traits.quant in (Quant.FP8, Quant.NVFP4)
-        for oneshot, (use_pdl, trigger), out, tensor_scale, layout in itertools.product(
-                strategies, pdl, with_output if traits.norm else (True,),
+        for t, oneshot, (use_pdl, trigger), out, tensor_scale, layout in itertools.product(
+                tokens, strategies, pdl, with_output if traits.norm else (True,),
                 scale_tensor if static_quant else (False,),
                 layout_codes if traits.quant == Quant.NVFP4 else (None,)):
-            x = torch.zeros(1, h, dtype=dtype, device=device)
+            x = torch.zeros(t, h, dtype=dtype, device=device)
             kw = dict(input=x, pattern=pattern, use_oneshot=oneshot, launch_with_pdl=use_pdl,
                       trigger_completion_at_end=trigger)
             if out:

@@ -52,6 +52,9 @@ MOE_ARGUMENTS = (
     "block_quant_group_size",
 )
 DEFAULT_EPS = 1e-6
+# The tensors a call reads or writes, in the kernels' argument order (FusionCall.ptrs).
+POINTER_ORDER = ("input", "output", "residual_in", "residual_out", "rms_gamma", "norm_out",
+                 "quant_out", "scale_out")
 
 
 class WorkspaceFacts(Protocol):
@@ -85,8 +88,10 @@ class Plan:
     scale_mode: str  # "none", "value" (a float), "host" (CPU tensor), "device"
     returns: str  # the argument allreduce_fusion returns
     written: tuple[str, ...]  # outputs this call writes
-    alloc: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # written, passed as None
-    spans: tuple[tuple[str, int, int], ...]  # (argument, bytes, ALIAS_*) for _check_aliasing
+    # (POINTER_ORDER slot, shape, dtype) of each output written but passed as None
+    alloc: tuple[tuple[int, tuple[int, ...], torch.dtype], ...]
+    pointer_args: tuple[str | None, ...]  # per POINTER_ORDER slot: the argument read, or None
+    spans: tuple[tuple[int, int, int], ...]  # (slot, bytes, ALIAS_*) for _check_aliasing
     # Address tuples already found free of bad aliasing (eager loops reuse buffers).
     verified: dict = field(default_factory=dict, compare=False)
 
@@ -97,7 +102,8 @@ class FusionCall:
 
     `quant_out` / `scale_out` are flat views of the dtype the kernels store
     (fp8 codes, packed uint8, scale bytes, fp32 per-token scales); `ret` is the
-    tensor allreduce_fusion returns. Everything else is the plan's."""
+    tensor allreduce_fusion returns; `ptrs` their addresses, read once per call.
+    Everything else is the plan's."""
 
     input: torch.Tensor
     output: torch.Tensor | None
@@ -112,6 +118,7 @@ class FusionCall:
     scale_factor: float | torch.Tensor | None  # None: no quantisation scale
     plan: Plan
     ret: torch.Tensor
+    ptrs: tuple[int, ...]  # data pointers in POINTER_ORDER, 0 for tensors the pattern skips
 
     @property
     def traits(self) -> PatternTraits:
@@ -346,16 +353,22 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     elif quant == Quant.NVFP4:
         shapes["quant_out"] = ((t, h // 2), torch.uint8)
         shapes["scale_out"] = ((sf_size(t, h // NVFP4_BLOCK, layout),), torch.uint8)
-    spans = [(name, _nbytes(a[name]), ALIAS_OUTPUT) for name in written if a[name] is not None]
-    spans += [(name, _nbytes(a[name]), ALIAS_INPUT) for name in ("input", "residual_in")
+    read = ["input", *written] + (["residual_in", "rms_gamma"] if traits.norm else [])
+    pointer_args = tuple(name if name in read and a[name] is not None else None
+                         for name in POINTER_ORDER)
+    slot = POINTER_ORDER.index
+    spans = [(slot(name), _nbytes(a[name]), ALIAS_OUTPUT) for name in written
+             if a[name] is not None]
+    spans += [(slot(name), _nbytes(a[name]), ALIAS_INPUT) for name in ("input", "residual_in")
               if name == "input" or traits.norm]
     if traits.norm:
-        spans.append(("rms_gamma", _nbytes(a["rms_gamma"]), ALIAS_NEVER))
+        spans.append((slot("rms_gamma"), _nbytes(a["rms_gamma"]), ALIAS_NEVER))
     return Plan(
         pattern, traits, t, h, layout, use_oneshot, bool(a["launch_with_pdl"]),
         bool(a["trigger_completion_at_end"]), a["output"] is not None and traits.norm,
         quant_view, scale_view, scale_mode, returns, tuple(written),
-        tuple((name, *shapes[name]) for name in written if a[name] is None), tuple(spans))
+        tuple((slot(name), *shapes[name]) for name in written if a[name] is None),
+        pointer_args, tuple(spans))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -405,15 +418,14 @@ ALIAS_INPUT, ALIAS_OUTPUT, ALIAS_NEVER = 0, 1, 2
 VERIFIED_MAX = 256
 
 
-def _check_aliasing(plan: Plan, a: dict[str, Any]) -> None:
+def _check_aliasing(plan: Plan, ptrs: tuple[int, ...]) -> None:
     """Written outputs may not overlap each other or rms_gamma, and may overlap an
     input only as the very same memory (read first, then written). Sorted by address,
-    any overlap shows between neighbours."""
-    ptrs = tuple([a[name].data_ptr() for name, _, _ in plan.spans])
+    any overlap shows between neighbours. `ptrs`: the passed tensors' addresses in
+    POINTER_ORDER."""
     if ptrs in plan.verified:
         return
-    spans = sorted((p, n, kind, name) for p, (name, n, kind) in zip(ptrs, plan.spans,
-                                                                    strict=True))
+    spans = sorted((ptrs[i], n, kind, POINTER_ORDER[i]) for i, n, kind in plan.spans)
     for (p, n, kind, name), (q, m, kind2, other) in zip(spans, spans[1:], strict=False):
         if q >= p + n or ALIAS_OUTPUT not in (kind, kind2):  # apart, or both only read
             continue
@@ -463,14 +475,20 @@ def validate_call(ws: WorkspaceFacts, a: dict[str, Any], real: bool = True) -> F
     if norm and not rms_eps >= 0:
         raise ValueError(f"rms_eps must be >= 0, got {rms_eps}")
     weight_bias = 0.0 if a["weight_bias"] is None else float(a["weight_bias"])
+    ptrs = ()
     if real:
-        _check_aliasing(plan, a)
+        ptrs = tuple([0 if name is None else a[name].data_ptr() for name in plan.pointer_args])
+        _check_aliasing(plan, ptrs)
 
     # Every check passed: allocate what the caller left out, make the kernels' views.
     out = {name: a[name] for name in plan.written}
-    device = a["input"].device
-    for name, shape, dtype in plan.alloc:
-        out[name] = torch.empty(shape, dtype=dtype, device=device)
+    if plan.alloc:
+        device, fresh = a["input"].device, list(ptrs)
+        for i, shape, dtype in plan.alloc:
+            out[POINTER_ORDER[i]] = t = torch.empty(shape, dtype=dtype, device=device)
+            if real:
+                fresh[i] = t.data_ptr()
+        ptrs = tuple(fresh)
     quant_out, scale_out = out.get("quant_out"), out.get("scale_out")
     if plan.quant_view is not None:
         quant_out = flat_view(quant_out, plan.quant_view)
@@ -480,4 +498,4 @@ def validate_call(ws: WorkspaceFacts, a: dict[str, Any], real: bool = True) -> F
         a["input"], out.get("output"), out.get("residual_out"), out.get("norm_out"), quant_out,
         scale_out, a["residual_in"] if norm else None, a["rms_gamma"] if norm else None,
         rms_eps, weight_bias, scale, plan,
-        a["norm_out"] if a["norm_out"] is not None else out[plan.returns])
+        a["norm_out"] if a["norm_out"] is not None else out[plan.returns], ptrs)

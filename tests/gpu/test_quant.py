@@ -199,3 +199,42 @@ def _graph_scale_rank(ctx, replays):
 
 def test_cuda_graph_replays_with_changing_scale_tensor():
     assert run_ranks(2, _graph_scale_rank, 20, device=CUDA) == [0, 0]
+
+
+def _many_rows_rank(ctx, dtype):
+    """World size 1 with more rows than programs fit at once: the quant patterns whose
+    rows then take chunks of 4096 (kernels/launch.py). Precompile (one PDL setting)
+    must have built them: nothing compiles during the checked calls."""
+    import triton
+
+    sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+    rng = random.Random(11)
+    cases = []
+    for i, pattern in enumerate([P.kARResidualRMSNormFP4Quant,
+                                 P.kARResidualRMSNormOutFP8Quant,
+                                 P.kARResidualRMSNormOutFP4Quant,
+                                 P.kARResidualRMSNormOutDynamicFP8Quant]):
+        for h in (6000, 8192):  # two chunks, the second partly masked at 6000
+            for t in (1, sms + 1, rng.randint(sms + 2, 300)):
+                quant = PATTERNS[pattern].quant
+                scale = rng.uniform(20, 2000) if quant == Quant.NVFP4 else rng.uniform(0.02, 0.5)
+                cases.append(Case(pattern, t, h, dtype, seed=100 * i + t, scale_factor=scale,
+                                  weight_bias=float(t % 2), scale_as_tensor=bool(t % 2)))
+    misses = []
+    with make_workspace(ctx, dtype, 300, 8192) as ws:
+        ws.precompile(patterns=sorted({c.pattern for c in cases}), launch_with_pdl=(False,),
+                      dtypes=[dtype])
+        triton.knobs.runtime.jit_cache_hook = lambda *a, **k: misses.append(k) and False
+        try:
+            results = [run_case(ws, case, 0, 1, ctx.device, with_output=False)
+                       for case in cases]
+        finally:
+            triton.knobs.runtime.jit_cache_hook = None
+    return results, len(misses)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_world_size_1_many_rows_narrower_chunks_match_and_were_precompiled(dtype):
+    (results, misses), = run_ranks(1, _many_rows_rank, dtype, device=CUDA)
+    assert_all_good([results])
+    assert misses == 0, f"{misses} kernel variants compiled after precompile"

@@ -153,6 +153,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
     def precompile(self, **variants) -> int:
         from ..precompile import precompile
 
+        variants.setdefault("tokens", self._launch.example_tokens(self.max_token_num))
         return precompile(self, **variants)
 
     def _release(self) -> None:

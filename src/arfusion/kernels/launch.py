@@ -40,6 +40,14 @@ from .twoshot import twoshot_kernel
 __all__ = ["BITS", "STATE_SIZE", "Launcher", "Resources", "error_words"]
 
 MAX_BLOCK = 8192  # widest row chunk held in registers
+# World size 1, patterns that keep the normalised row and its quantisation live together
+# (NVFP4, or FP8 next to norm_out): an 8192-wide chunk takes 73-106 registers a thread at
+# 16 warps (Triton 3.6, scripts/compile_check.py), so one program per SM; two chunks of
+# 4096 take 40-55 (the row goes through residual_out and is re-read from L2), two
+# programs per SM. Measured on an H100 (hidden 8192): 8-17 % faster from 133 tokens
+# to 8192, 0.2-1.1 us slower at 1 and 128, so only for more rows than programs fit at
+# once. (The N-rank kernels hold one program per SM either way: 5-14 % slower.)
+MAX_QUANT_BLOCK = 4096
 BITS = {2: torch.int16, 4: torch.int32}
 MAX_TIMEOUT_US = 2**31 - 1  # keeps the argument an i32 whatever the timeout
 _raw_stream = torch._C._cuda_getCurrentRawStream  # what Triton's own launches use
@@ -84,7 +92,13 @@ class Launcher:
         self._device = res.buf.device.index
         self._u8 = res.dummy[torch.uint8]
         self._f32 = res.dummy[torch.float32]
-        self._unused = self._u8.data_ptr()
+
+    def example_tokens(self, max_token_num: int) -> tuple[int, ...]:
+        """Token counts whose calls need different variants (precompile builds each):
+        at world size 1, more rows than programs fit at once may take narrower chunks."""
+        if self.res.world_size == 1 and max_token_num > self.res.max_programs:
+            return (1, self.res.max_programs + 1)
+        return (1,)
 
     def _tensors(self, call: FusionCall) -> list[torch.Tensor]:
         """The pointer arguments every kernel takes after its own leading ones."""
@@ -102,17 +116,9 @@ class Launcher:
         ]
 
     def __call__(self, call: FusionCall, timeout_s: float) -> None:
-        x, traits, sf = call.input, call.plan.traits, call.scale_factor
-        unused = self._unused  # never dereferenced: the pattern's constexprs skip it
-        ptrs = [x.data_ptr(),
-                (call.output if call.output is not None else call.residual_out).data_ptr(),
-                call.residual_in.data_ptr() if traits.norm else unused,
-                call.residual_out.data_ptr() if traits.norm else unused,
-                call.rms_gamma.data_ptr() if traits.norm else unused,
-                call.norm_out.data_ptr() if traits.norm_out else unused,
-                call.quant_out.data_ptr() if call.quant_out is not None else unused,
-                call.scale_out.data_ptr() if call.scale_out is not None else unused,
-                sf.data_ptr() if sf.__class__ is torch.Tensor else unused]
+        sf = call.scale_factor
+        # Pointers the pattern never reads are 0: its constexprs skip them.
+        ptrs = (*call.ptrs, sf.data_ptr() if sf.__class__ is torch.Tensor else 0)
         align = 0
         if reduce(or_, ptrs) & 15:  # some pointer is not 16-byte aligned: which ones
             for i, p in enumerate(ptrs):
@@ -124,9 +130,9 @@ class Launcher:
             prep = self._first(call, oneshot, timeout_s, self._tensors(call))
             self._cache[key] = prep
             return
-        res = self.res
+        res, plan = self.res, call.plan
         scalars = (sf if sf.__class__ is float else 1.0, call.rms_eps, call.weight_bias,
-                   call.plan.num_tokens, call.plan.hidden_dim)
+                   plan.num_tokens, plan.hidden_dim)
         if res.world_size == 1:
             args = (*ptrs, *scalars)
         else:
@@ -141,7 +147,10 @@ class Launcher:
         res, x, traits = self.res, call.input, call.traits
         t, h = call.num_tokens, call.hidden_dim
         n = t * h
-        block = max(64, min(triton.next_power_of_2(h), MAX_BLOCK))
+        many_live = traits.quant == Quant.NVFP4 or (traits.quant != Quant.NONE and traits.norm_out)
+        widest = (MAX_QUANT_BLOCK if many_live and res.world_size == 1 and t > res.max_programs
+                  else MAX_BLOCK)
+        block = max(64, min(triton.next_power_of_2(h), widest))
         # At least two elements per thread: no lane holds a replicated copy of another's.
         num_warps = min(16, max(1, block // 256))
         sf = call.scale_factor
