@@ -172,3 +172,34 @@ def test_reuse_with_other_shapes_within_capacity(ws):
     assert ws.is_buffer_size_sufficient(1, 1, 1, torch.float16)  # same size: served
     out = allreduce_fusion(torch.randn(2, 64).to(BF), ws, 0)
     assert out.shape == (2, 64)
+
+
+def test_call_pointers_are_the_tensors_the_pattern_touches(ws):
+    """FusionCall.ptrs, what the GPU launcher passes: in POINTER_ORDER the address of each
+    tensor the pattern reads or writes (outputs it allocates included), 0 for one it
+    ignores; a call with other tensors gets theirs (nothing kept from the plan)."""
+    import inspect
+
+    from arfusion.validation import POINTER_ORDER, validate_call
+
+    defaults = {n: p.default for n, p in inspect.signature(allreduce_fusion).parameters.items()}
+
+    def ptrs(pattern, **over):
+        call = validate_call(ws, {**defaults, "workspace": ws, **base(pattern, **over)})
+        return dict(zip(POINTER_ORDER, call.ptrs, strict=True)), call
+
+    for _ in range(2):  # the second round: same signature, new tensors
+        stray = torch.empty(T, H, dtype=torch.float8_e4m3fn)  # not written by pattern 1
+        got, call = ptrs(P.kARResidualRMSNorm, quant_out=stray)
+        assert got == {"input": call.input.data_ptr(), "output": 0,
+                       "residual_in": call.residual_in.data_ptr(),
+                       "residual_out": call.residual_out.data_ptr(),
+                       "rms_gamma": call.rms_gamma.data_ptr(),
+                       "norm_out": call.norm_out.data_ptr(), "quant_out": 0, "scale_out": 0}
+        got, call = ptrs(P.kAllReduce)  # output allocated by the call
+        assert got["output"] == call.output.data_ptr() != 0
+        assert [name for name, p in got.items() if p] == ["input", "output"]
+        q = torch.empty(T * H, dtype=torch.uint8)  # bytes: the call stores through a view
+        got, call = ptrs(P.kARResidualRMSNormOutFP8Quant, quant_out=q)
+        assert got["quant_out"] == q.data_ptr() == call.quant_out.data_ptr()
+        assert got["scale_out"] == 0 and got["norm_out"] == call.norm_out.data_ptr()
