@@ -45,7 +45,8 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
     strategies = [None] if workspace.world_size == 1 else [
         o for o in (True, False) if workspace.capacity(o) >= h]
     pdl = [(p, t) for p in launch_with_pdl for t in ((True, False) if p else (True,))]
-    calls = []
+    scale = torch.ones(1, device=device)
+    calls, tensors = [], {}
     for pattern, dtype in itertools.product(
             sorted(PATTERNS) if patterns is None else patterns, dtypes):
         traits = PATTERNS[pattern]
@@ -56,15 +57,20 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
                 tokens, strategies, pdl, with_output if traits.norm else (True,),
                 scale_tensor if static_quant else (False,),
                 layout_codes if traits.quant == Quant.NVFP4 else (None,)):
-            x = torch.zeros(t, h, dtype=dtype, device=device)
+            # One set of tensors per shape for all its calls (inputs are only read).
+            if (t, dtype) not in tensors:
+                x = torch.zeros(t, h, dtype=dtype, device=device)
+                tensors[t, dtype] = (x, torch.empty_like(x), torch.zeros_like(x),
+                                     torch.ones_like(x[0]))
+            x, output, residual, gamma = tensors[t, dtype]
             kw = dict(input=x, pattern=pattern, use_oneshot=oneshot, launch_with_pdl=use_pdl,
                       trigger_completion_at_end=trigger)
             if out:
-                kw["output"] = torch.empty_like(x)
+                kw["output"] = output
             if traits.norm:
-                kw.update(residual_in=torch.zeros_like(x), rms_gamma=torch.ones_like(x[0]))
+                kw.update(residual_in=residual, rms_gamma=gamma)
             if static_quant:
-                kw["scale_factor"] = (torch.ones(1, device=device) if tensor_scale else 1.0)
+                kw["scale_factor"] = scale if tensor_scale else 1.0
             if layout is not None:
                 kw["layout_code"] = layout
             calls.append(kw)
