@@ -80,7 +80,7 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
 def precompile(workspace, **variants) -> int:
     """Compile and load every variant `example_calls(workspace, **variants)` lists;
     collective when ranks are processes (see the module docstring). Returns how
-    many variants were asked for."""
+    many example calls that was."""
     from .api import allreduce_fusion
 
     calls = example_calls(workspace, **variants)

@@ -157,8 +157,9 @@ class AllReduceFusionWorkspace(abc.ABC):
     def precompile(self, **variants) -> int:
         """Compile and load the kernel variants calls to this workspace will need, before
         the first call (`arfusion.precompile`: which variants, keyword arguments to
-        narrow or widen them). Call it on every rank. Returns how many variants were
-        asked for; 0 for backends without kernels of their own."""
+        narrow or widen them). Call it on every rank. Returns how many example calls
+        were built (one per variant asked for, and per token count where the kernels
+        differ by it); 0 for backends without kernels of their own."""
         return 0
 
     @abc.abstractmethod
