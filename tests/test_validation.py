@@ -177,15 +177,17 @@ def test_reuse_with_other_shapes_within_capacity(ws):
 def test_call_pointers_are_the_tensors_the_pattern_touches(ws):
     """FusionCall.ptrs, what the GPU launcher passes: in POINTER_ORDER the address of each
     tensor the pattern reads or writes (outputs it allocates included), 0 for one it
-    ignores; a call with other tensors gets theirs (nothing kept from the plan)."""
+    ignores; a call with other tensors gets theirs (nothing kept from the plan); `align`
+    marks the pointers that are not 16-byte aligned."""
     import inspect
 
-    from arfusion.validation import POINTER_ORDER, validate_call
+    from arfusion.validation import CALL_ARGUMENTS, POINTER_ORDER, validate_call
 
     defaults = {n: p.default for n, p in inspect.signature(allreduce_fusion).parameters.items()}
 
     def ptrs(pattern, **over):
-        call = validate_call(ws, {**defaults, "workspace": ws, **base(pattern, **over)})
+        args = {**defaults, **base(pattern, **over)}
+        call = validate_call(ws, True, *[args[name] for name in CALL_ARGUMENTS])
         return dict(zip(POINTER_ORDER, call.ptrs, strict=True)), call
 
     for _ in range(2):  # the second round: same signature, new tensors
@@ -195,7 +197,9 @@ def test_call_pointers_are_the_tensors_the_pattern_touches(ws):
                        "residual_in": call.residual_in.data_ptr(),
                        "residual_out": call.residual_out.data_ptr(),
                        "rms_gamma": call.rms_gamma.data_ptr(),
-                       "norm_out": call.norm_out.data_ptr(), "quant_out": 0, "scale_out": 0}
+                       "norm_out": call.norm_out.data_ptr(), "quant_out": 0, "scale_out": 0,
+                       "scale_factor": 0}
+        assert call.align == 0
         got, call = ptrs(P.kAllReduce)  # output allocated by the call
         assert got["output"] == call.output.data_ptr() != 0
         assert [name for name, p in got.items() if p] == ["input", "output"]
@@ -203,3 +207,7 @@ def test_call_pointers_are_the_tensors_the_pattern_touches(ws):
         got, call = ptrs(P.kARResidualRMSNormOutFP8Quant, quant_out=q)
         assert got["quant_out"] == q.data_ptr() == call.quant_out.data_ptr()
         assert got["scale_out"] == 0 and got["norm_out"] == call.norm_out.data_ptr()
+        odd = torch.empty(T * H + 1, dtype=BF)[1:].view(T, H)  # 2 bytes past an aligned one
+        got, call = ptrs(P.kARResidualRMSNorm, residual_out=odd)
+        assert got["residual_out"] == odd.data_ptr()
+        assert call.align == 1 << POINTER_ORDER.index("residual_out")

@@ -112,13 +112,12 @@ def allreduce_fusion(
     fp32); the MoE arguments must be None. Every rank must issue the same sequence
     of calls.
     """
-    args = locals()
     if (moe_reduction_device_num_experts is not None or moe_reduction_scale_input is not None
             or moe_reduction_active_experts_token_input is not None
             or moe_reduction_token_input is not None or expanded_idx_to_permuted_idx is not None
             or expert_scale_factor is not None or shared_expert_output is not None
             or block_quant_group_size is not None):
-        reject_moe(args)
+        reject_moe(locals())
     if not isinstance(workspace, AllReduceFusionWorkspace):
         raise TypeError(
             "workspace must be an AllReduceFusionWorkspace (from "
@@ -127,12 +126,15 @@ def allreduce_fusion(
     if workspace.destroyed:
         raise ValueError("workspace has been destroyed; create a new one")
     workspace.check()
-    if torch.compiler.is_compiling():
-        call = validate_call(workspace, args, real=False)
-        _launch_op(call, workspace)
-    else:
-        call = validate_call(workspace, args)
+    real = not torch.compiler.is_compiling()
+    call = validate_call(
+        workspace, real, input, pattern, launch_with_pdl, trigger_completion_at_end, output,
+        residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps,
+        scale_factor, layout_code, use_oneshot, weight_bias)
+    if real:
         workspace.run(call)
+    else:
+        _launch_op(call, workspace)
     return call.ret
 
 

@@ -52,9 +52,16 @@ MOE_ARGUMENTS = (
     "block_quant_group_size",
 )
 DEFAULT_EPS = 1e-6
-# The tensors a call reads or writes, in the kernels' argument order (FusionCall.ptrs).
+# The tensors a call reads or writes, in the kernels' argument order (FusionCall.ptrs);
+# scale_factor is one when it is a device tensor.
 POINTER_ORDER = ("input", "output", "residual_in", "residual_out", "rms_gamma", "norm_out",
-                 "quant_out", "scale_out")
+                 "quant_out", "scale_out", "scale_factor")
+QUANT_SLOT, SCALE_SLOT = POINTER_ORDER.index("quant_out"), POINTER_ORDER.index("scale_out")
+# allreduce_fusion's arguments that validate_call takes, in its order.
+CALL_ARGUMENTS = ("input", "pattern", "launch_with_pdl", "trigger_completion_at_end", "output",
+                  "residual_out", "norm_out", "quant_out", "scale_out", "residual_in",
+                  "rms_gamma", "rms_eps", "scale_factor", "layout_code", "use_oneshot",
+                  "weight_bias")
 
 
 class WorkspaceFacts(Protocol):
@@ -86,39 +93,54 @@ class Plan:
     quant_view: torch.dtype | None  # flat view the kernel stores into (None: as passed)
     scale_view: torch.dtype | None
     scale_mode: str  # "none", "value" (a float), "host" (CPU tensor), "device"
-    returns: str  # the argument allreduce_fusion returns
+    returns: int  # POINTER_ORDER slot of the output allreduce_fusion returns
     written: tuple[str, ...]  # outputs this call writes
     # (POINTER_ORDER slot, shape, dtype) of each output written but passed as None
     alloc: tuple[tuple[int, tuple[int, ...], torch.dtype], ...]
-    pointer_args: tuple[str | None, ...]  # per POINTER_ORDER slot: the argument read, or None
-    spans: tuple[tuple[int, int, int], ...]  # (slot, bytes, ALIAS_*) for _check_aliasing
-    # Address tuples already found free of bad aliasing (eager loops reuse buffers).
+    carried: tuple[bool, ...]  # per tensor slot (POINTER_ORDER[:8]): the pattern uses it
+    read_slots: tuple[int, ...]  # POINTER_ORDER slots of the tensors passed and used
+    spans: tuple[tuple[int, int, int], ...]  # (slot, bytes, ALIAS_*) for check_addresses
+    # Address tuples already found free of bad aliasing (eager loops reuse buffers),
+    # each with its `align` (check_addresses).
     verified: dict = field(default_factory=dict, compare=False)
+    # What a backend keeps per plan (the kernel launcher: its compiled launches).
+    launches: dict = field(default_factory=dict, compare=False)
+
+
+def _tensor(name: str) -> property:
+    """FusionCall's tensor `name`, or None where the pattern has no use for it."""
+    slot = POINTER_ORDER.index(name)
+    return property(lambda call: call.tensors[slot] if call.plan.carried[slot] else None)
 
 
 @dataclass(slots=True)
 class FusionCall:
     """A validated call: every tensor a backend reads or writes, outputs allocated.
 
-    `quant_out` / `scale_out` are flat views of the dtype the kernels store
-    (fp8 codes, packed uint8, scale bytes, fp32 per-token scales); `ret` is the
-    tensor allreduce_fusion returns; `ptrs` their addresses, read once per call.
+    `tensors` are as passed (outputs left as None allocated), in POINTER_ORDER without
+    scale_factor; the properties named after them give None where the pattern has no
+    use for one. `quant_out` / `scale_out` are flat views of the dtype the kernels
+    store (fp8 codes, packed uint8, scale bytes, fp32 per-token scales); `ret` is the
+    tensor allreduce_fusion returns; `ptrs` the addresses, read once per call.
     Everything else is the plan's."""
 
-    input: torch.Tensor
-    output: torch.Tensor | None
-    residual_out: torch.Tensor | None
-    norm_out: torch.Tensor | None
-    quant_out: torch.Tensor | None
-    scale_out: torch.Tensor | None
-    residual_in: torch.Tensor | None
-    rms_gamma: torch.Tensor | None
+    tensors: tuple[torch.Tensor | None, ...]
     rms_eps: float
     weight_bias: float
     scale_factor: float | torch.Tensor | None  # None: no quantisation scale
     plan: Plan
     ret: torch.Tensor
     ptrs: tuple[int, ...]  # data pointers in POINTER_ORDER, 0 for tensors the pattern skips
+    align: int  # bit i set: ptrs[i] is not 16-byte aligned (kernels specialise on it)
+
+    input = _tensor("input")
+    output = _tensor("output")
+    residual_in = _tensor("residual_in")
+    residual_out = _tensor("residual_out")
+    rms_gamma = _tensor("rms_gamma")
+    norm_out = _tensor("norm_out")
+    quant_out = _tensor("quant_out")
+    scale_out = _tensor("scale_out")
 
     @property
     def traits(self) -> PatternTraits:
@@ -344,7 +366,7 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
                          f"{t} tokens, hidden_dim {h} in layout {LAYOUT_NAMES[layout]}")
             if s.dtype != torch.uint8 or s.dim() != 1:
                 scale_view = torch.uint8
-    returns = traits.returns  # unless the caller passed norm_out (validate_call)
+    returns = POINTER_ORDER.index(traits.returns)  # unless the caller passed norm_out
     shapes = {"output": ((t, h), x.dtype), "residual_out": ((t, h), x.dtype),
               "norm_out": ((t, h), x.dtype)}
     if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
@@ -354,8 +376,10 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
         shapes["quant_out"] = ((t, h // 2), torch.uint8)
         shapes["scale_out"] = ((sf_size(t, h // NVFP4_BLOCK, layout),), torch.uint8)
     read = ["input", *written] + (["residual_in", "rms_gamma"] if traits.norm else [])
-    pointer_args = tuple(name if name in read and a[name] is not None else None
-                         for name in POINTER_ORDER)
+    carried = tuple(name in read for name in POINTER_ORDER[:-1])
+    read_slots = tuple(i for i, name in enumerate(POINTER_ORDER[:-1])
+                       if name in read and a[name] is not None)
+    read_slots += (len(POINTER_ORDER) - 1,) if scale_mode == "device" else ()
     slot = POINTER_ORDER.index
     spans = [(slot(name), _nbytes(a[name]), ALIAS_OUTPUT) for name in written
              if a[name] is not None]
@@ -368,7 +392,7 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
         bool(a["trigger_completion_at_end"]), a["output"] is not None and traits.norm,
         quant_view, scale_view, scale_mode, returns, tuple(written),
         tuple((slot(name), *shapes[name]) for name in written if a[name] is None),
-        pointer_args, tuple(spans))
+        carried, read_slots, tuple(spans))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -418,13 +442,15 @@ ALIAS_INPUT, ALIAS_OUTPUT, ALIAS_NEVER = 0, 1, 2
 VERIFIED_MAX = 256
 
 
-def _check_aliasing(plan: Plan, ptrs: tuple[int, ...]) -> None:
+def check_addresses(plan: Plan, ptrs: tuple[int, ...]) -> int:
     """Written outputs may not overlap each other or rms_gamma, and may overlap an
     input only as the very same memory (read first, then written). Sorted by address,
     any overlap shows between neighbours. `ptrs`: the passed tensors' addresses in
-    POINTER_ORDER."""
-    if ptrs in plan.verified:
-        return
+    POINTER_ORDER. Returns the call's `align` (FusionCall); both are kept per address
+    tuple."""
+    align = plan.verified.get(ptrs)
+    if align is not None:
+        return align
     spans = sorted((ptrs[i], n, kind, POINTER_ORDER[i]) for i, n, kind in plan.spans)
     for (p, n, kind, name), (q, m, kind2, other) in zip(spans, spans[1:], strict=False):
         if q >= p + n or ALIAS_OUTPUT not in (kind, kind2):  # apart, or both only read
@@ -439,63 +465,63 @@ def _check_aliasing(plan: Plan, ptrs: tuple[int, ...]) -> None:
                          "memory (in place), not part of it")
     if len(plan.verified) >= VERIFIED_MAX:
         plan.verified.clear()
-    plan.verified[ptrs] = True
+    plan.verified[ptrs] = align = sum(bool(p & 15) << i for i, p in enumerate(ptrs))
+    return align
 
 
-def _signature(a: dict[str, Any]) -> tuple:
-    """What a plan depends on: the pattern and flags, and each tensor's dtype, shape,
-    device and contiguity (AttributeError/TypeError for arguments of a wrong type)."""
-    sf = a["scale_factor"]
-    return (
-        type(a["pattern"]), a["pattern"], a["layout_code"], a["use_oneshot"],
-        a["launch_with_pdl"], a["trigger_completion_at_end"], type(a["rms_eps"]),
-        type(a["weight_bias"]),
-        (sf.dtype, sf.device, sf.numel() > 0) if isinstance(sf, torch.Tensor) else type(sf),
-        *[None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())
-          for t in (a["input"], a["residual_in"], a["rms_gamma"], a["output"],
-                    a["residual_out"], a["norm_out"], a["quant_out"], a["scale_out"])])
-
-
-def validate_call(ws: WorkspaceFacts, a: dict[str, Any], real: bool = True) -> FusionCall:
-    """Check one call (`a`: allreduce_fusion's arguments by name) and allocate the
-    outputs left as None. `real=False` (torch.compile tracing, fake tensors) skips
-    the checks that read memory addresses or values."""
-    try:
-        key = _signature(a)
+def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
+                  launch_with_pdl: Any, trigger_completion_at_end: Any, output: Any,
+                  residual_out: Any, norm_out: Any, quant_out: Any, scale_out: Any,
+                  residual_in: Any, rms_gamma: Any, rms_eps: Any, scale_factor: Any,
+                  layout_code: Any, use_oneshot: Any, weight_bias: Any) -> FusionCall:
+    """Check one call (allreduce_fusion's arguments, in CALL_ARGUMENTS order) and
+    allocate the outputs left as None. `real=False` (torch.compile tracing, fake
+    tensors) skips the checks that read memory addresses."""
+    tensors = (input, output, residual_in, residual_out, rms_gamma, norm_out, quant_out,
+               scale_out, scale_factor)  # POINTER_ORDER
+    try:  # the plan's key: pattern, flags, each tensor's dtype, shape, device, contiguity
+        key = (pattern.__class__, pattern, layout_code, use_oneshot, launch_with_pdl,
+               trigger_completion_at_end, rms_eps.__class__, weight_bias.__class__,
+               (scale_factor.dtype, scale_factor.device, scale_factor.numel() > 0)
+               if isinstance(scale_factor, torch.Tensor) else scale_factor.__class__,
+               *[None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())
+                 for t in tensors[:8]])
         plan = ws.plans.get(key)
     except (AttributeError, TypeError):  # a wrong type or an unhashable value
         key = plan = None
     if plan is None:
-        plan = _make_plan(ws, a)
+        plan = _make_plan(ws, dict(zip(CALL_ARGUMENTS, (
+            input, pattern, launch_with_pdl, trigger_completion_at_end, output, residual_out,
+            norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps, scale_factor,
+            layout_code, use_oneshot, weight_bias), strict=True)))
         if key is not None:
             ws.plans[key] = plan
-    norm = plan.traits.norm
-    scale = _scale_value(plan, a["scale_factor"]) if plan.scale_mode != "none" else None
-    rms_eps = DEFAULT_EPS if a["rms_eps"] is None else float(a["rms_eps"])
-    if norm and not rms_eps >= 0:
+    scale = _scale_value(plan, scale_factor) if plan.scale_mode != "none" else None
+    rms_eps = DEFAULT_EPS if rms_eps is None else float(rms_eps)
+    if not rms_eps >= 0 and plan.traits.norm:
         raise ValueError(f"rms_eps must be >= 0, got {rms_eps}")
-    weight_bias = 0.0 if a["weight_bias"] is None else float(a["weight_bias"])
-    ptrs = ()
+    weight_bias = 0.0 if weight_bias is None else float(weight_bias)
+    ptrs, align = (), 0
     if real:
-        ptrs = tuple([0 if name is None else a[name].data_ptr() for name in plan.pointer_args])
-        _check_aliasing(plan, ptrs)
+        found = [0] * len(tensors)
+        for i in plan.read_slots:
+            found[i] = tensors[i].data_ptr()
+        ptrs = tuple(found)
+        align = check_addresses(plan, ptrs)
 
-    # Every check passed: allocate what the caller left out, make the kernels' views.
-    out = {name: a[name] for name in plan.written}
+    # Every check passed: allocate what the caller left out (fresh memory: aligned),
+    # make the kernels' views.
+    out = list(tensors[:8])
     if plan.alloc:
-        device, fresh = a["input"].device, list(ptrs)
+        fresh = list(ptrs)
         for i, shape, dtype in plan.alloc:
-            out[POINTER_ORDER[i]] = t = torch.empty(shape, dtype=dtype, device=device)
+            out[i] = t = torch.empty(shape, dtype=dtype, device=input.device)
             if real:
                 fresh[i] = t.data_ptr()
         ptrs = tuple(fresh)
-    quant_out, scale_out = out.get("quant_out"), out.get("scale_out")
+    ret = norm_out if norm_out is not None else out[plan.returns]
     if plan.quant_view is not None:
-        quant_out = flat_view(quant_out, plan.quant_view)
+        out[QUANT_SLOT] = flat_view(out[QUANT_SLOT], plan.quant_view)
     if plan.scale_view is not None:
-        scale_out = flat_view(scale_out, plan.scale_view)
-    return FusionCall(
-        a["input"], out.get("output"), out.get("residual_out"), out.get("norm_out"), quant_out,
-        scale_out, a["residual_in"] if norm else None, a["rms_gamma"] if norm else None,
-        rms_eps, weight_bias, scale, plan,
-        a["norm_out"] if a["norm_out"] is not None else out[plan.returns], ptrs)
+        out[SCALE_SLOT] = flat_view(out[SCALE_SLOT], plan.scale_view)
+    return FusionCall(tuple(out), rms_eps, weight_bias, scale, plan, ret, ptrs, align)

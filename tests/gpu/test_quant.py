@@ -238,3 +238,59 @@ def test_world_size_1_many_rows_narrower_chunks_match_and_were_precompiled(dtype
     (results, misses), = run_ranks(1, _many_rows_rank, dtype, device=CUDA)
     assert_all_good([results])
     assert misses == 0, f"{misses} kernel variants compiled after precompile"
+
+
+def test_divide_by_gives_div_rn_quotients_and_codes():
+    """epilogue.divide_by (the FP8 quantisers' division by one scale) against div_rn on
+    the GPU: every bf16 value and a million random fp32 bit patterns (NaN, inf,
+    subnormals included), divided by 260 scales (log-uniform over 2^-40 .. 2^40, the
+    edges of its fast range, and divisors a device scale tensor may hold unchecked: 0,
+    negative, NaN, inf, subnormal). Quotients must have div_rn's bits wherever |x / s| >=
+    2^-62 (NaN for NaN), and e4m3 codes must be equal everywhere."""
+    import triton
+    import triton.language as tl
+
+    from arfusion.kernels.epilogue import divide_by, e4m3
+
+    @triton.jit
+    def divide(x_ptr, s_ptr, fast_ptr, exact_ptr, fast_code_ptr, exact_code_ptr, n,
+               BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        out = tl.program_id(1) * n + offs
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m)
+        s = tl.load(s_ptr + tl.program_id(1))
+        fast = divide_by(x, s)
+        exact = tl.div_rn(x, tl.zeros_like(x) + s)
+        tl.store(fast_ptr + out, fast, mask=m)
+        tl.store(exact_ptr + out, exact, mask=m)
+        tl.store(fast_code_ptr + out, e4m3(fast).to(tl.uint8, bitcast=True), mask=m)
+        tl.store(exact_code_ptr + out, e4m3(exact).to(tl.uint8, bitcast=True), mask=m)
+
+    gen = torch.Generator().manual_seed(11)
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = torch.cat([every_bf16.view(torch.bfloat16).float(),
+                   torch.randint(-(2**31), 2**31, (2**20,), generator=gen,
+                                 dtype=torch.int64).to(torch.int32).view(torch.float32)])
+    near = [2.0**-32, 2.0**32, 2.0**-32 * (1 - 2**-24), 2.0**32 * (1 + 2**-23)]
+    odd = [0.0, -0.0, -1.0, -3.5, float("nan"), float("inf"), 1e-45, 1e-39, 3.4e38,
+           2.0**-100, 2.0**100]
+    common = [1.0, 3.0, 7.0, 0.1, 448.0, 1 / 448, 2.0**-9 / 448, 0.0123, 6.0]
+    scales = torch.cat([torch.tensor(near + odd + common),
+                        torch.exp2(torch.rand(260 - 24, generator=gen) * 80 - 40)])
+    x, scales = x.to(CUDA), scales.float().to(CUDA)
+    n, block = x.numel(), 1024
+    for part in scales.split(20):
+        fast, exact = (torch.empty(len(part), n, device=CUDA) for _ in range(2))
+        codes = [torch.empty(len(part), n, dtype=torch.uint8, device=CUDA) for _ in range(2)]
+        divide[(triton.cdiv(n, block), len(part))](x, part, fast, exact, *codes, n,
+                                                   BLOCK=block, enable_fp_fusion=False)
+        big = exact.abs() >= 2.0**-62  # False for NaN
+        same_bits = fast.view(torch.int32) == exact.view(torch.int32)
+        both_nan = fast.isnan() & exact.isnan()
+        wrong = (big & ~same_bits) | (exact.isnan() & ~both_nan) | (codes[0] != codes[1])
+        if wrong.any():
+            j, i = wrong.nonzero()[0].tolist()
+            pytest.fail(f"{int(wrong.sum())} quotients differ, e.g. {x[i].item()!r} / "
+                        f"{part[j].item()!r}: {fast[j, i].item()!r} (code {codes[0][j, i]}) "
+                        f"!= div_rn {exact[j, i].item()!r} (code {codes[1][j, i]})")

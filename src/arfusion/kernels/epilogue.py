@@ -2,9 +2,10 @@
 
 Numerics follow docs/contract.md step by step, each a single correctly rounded fp32
 operation in the reference's order: divisions and the square root use
-`div_rn`/`sqrt_rn` (Triton's `/` is approximate) and kernels are compiled
-without FMA contraction, so the only differences from `arfusion.reference` are
-the order of the row's sum of squares (RMSNorm, within 1 ulp of the output).
+`div_rn`/`sqrt_rn` (Triton's `/` is approximate), or `divide_by`, which gives the
+same quotients, and kernels are compiled without FMA contraction, so the only
+differences from `arfusion.reference` are the order of the row's sum of squares
+(RMSNorm, within 1 ulp of the output).
 Every rank runs the same code on the same values, so all ranks get the same bits.
 
 A row is processed in `NUM_CHUNKS` chunks of `BLOCK` columns. With one chunk
@@ -99,6 +100,40 @@ def dynamic_scale(amax, row, scale_out_ptr):
     return scale
 
 
+# divide_by: the divisors it takes the short way; quotients below DIV_TINY it leaves unrefined.
+DIV_MIN = tl.constexpr(2.0**-32)
+DIV_MAX = tl.constexpr(2.0**32)
+DIV_TINY = tl.constexpr(2.0**-64)
+
+
+@triton.jit
+def divide_by(x, s):
+    """x / s for fp32 `x` and one divisor `s` for all of it, as div_rn gives it wherever
+    |x / s| >= 2^-62; below, where every code of the formats quantised here is a zero, a
+    value of the same sign.
+
+    Hopper's div.rn.f32 checks each quotient's range and branches around a slow path, so
+    a thread's divisions ran one after another. Here, for 2^-32 <= s <= 2^32: y = RN(1/s)
+    once; q = RN(x y), within 1.5 ulp of x / s; a Newton step q + RN(x - s q) y brings it
+    within 1 ulp; Markstein's correction RN(q + (x - s q) y), whose residual is then
+    exact, is RN(x / s) for a correctly rounded y, barring underflow (|q| >= 2^-64 and the
+    range of s keep |x| >= 2^-96). Where that result is NaN (x infinite or NaN, or x y
+    overflowing) or under 2^-64 (a zero would lose the sign of -0.0), x y stands instead:
+    infinite or NaN as x / s is, large enough to saturate, or tiny of the right sign.
+    Other divisors (zero, negative, NaN, huge or tiny: a device scale tensor is not
+    checked) take div_rn. tests/gpu/test_quant.py compares the two on every bf16 value
+    and a million random fp32 bit patterns."""
+    if (s >= DIV_MIN) & (s <= DIV_MAX):
+        y = tl.div_rn(1.0, s)
+        q = x * y
+        q = tl.fma(tl.fma(-s, q, x), y, q)
+        q = tl.fma(tl.fma(-s, q, x), y, q)
+        q = tl.where((tl.abs(q) >= DIV_TINY) & (q == q), q, x * y)
+    else:
+        q = tl.div_rn(x, tl.zeros_like(x) + s)
+    return q
+
+
 @triton.jit
 def e4m3(x):
     """Round fp32 to float8_e4m3fn, nearest even, saturating at +-448."""
@@ -145,11 +180,9 @@ def store_normalized(nf, row, c0, cols, cm, H, norm_out_ptr, quant_ptr, scale_ou
     if WRITE_NORM:
         tl.store(norm_out_ptr + offs, nf.to(norm_out_ptr.dtype.element_ty), mask=cm)
     if QUANT == QUANT_FP8:
-        tl.store(quant_ptr + offs, e4m3(tl.div_rn(nf, tl.zeros_like(nf) + scale_factor)),
-                 mask=cm)
+        tl.store(quant_ptr + offs, e4m3(divide_by(nf, scale_factor)), mask=cm)
     elif QUANT == QUANT_DYNAMIC_FP8:
-        tl.store(quant_ptr + offs, e4m3(tl.div_rn(nf, tl.zeros_like(nf) + dyn_scale)),
-                 mask=cm)
+        tl.store(quant_ptr + offs, e4m3(divide_by(nf, dyn_scale)), mask=cm)
     elif QUANT == QUANT_NVFP4:
         store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, scale_factor, BLOCK, LAYOUT)
 

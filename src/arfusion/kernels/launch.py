@@ -3,26 +3,24 @@
 World size 1 runs `local.local_kernel` (no exchange); N > 1 the one-shot or
 two-shot Lamport kernel.
 
-Hot path: the first call of a (signature, strategy, pointer alignment) goes
-through Triton's JIT, which compiles the variant if needed and returns the
-compiled kernel; it is kept with its grid and constants. Later calls launch it
-directly through Triton's driver launcher (its C function where `launch_entry`
-allows) with raw pointers: no argument specialisation, no allocation, no
-synchronisation. The key holds everything Triton specialises on (dtypes and
-shapes through the validation plan, the 16-byte alignment of every pointer), so
-the direct path always runs the kernel the JIT would have picked.
+Hot path: the first call of a (signature, strategy, pointer alignment) has Triton's
+JIT compile the variant (or find it in its disk cache) and load it, without
+launching; it is kept in the plan with its grid and constants. Every launch, the
+first included, goes directly through Triton's driver launcher (its C function
+where `launch_entry` allows) with raw pointers: no argument specialisation, no
+allocation, no synchronisation. The key holds everything Triton specialises on
+(dtypes and shapes through the validation plan, the 16-byte alignment of every
+pointer), so the direct path always runs the kernel the JIT would have picked.
 
-`Launcher.compile_only` compiles and loads the variant a call needs without
-launching it (ranks that share a GPU compile everything first: see
-arfusion.testing; `workspace.precompile` uses it too).
+`Launcher.compile_only` builds the variant a call needs and launches nothing (ranks
+that share a GPU compile everything first: see arfusion.testing;
+`workspace.precompile` uses it too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import reduce
-from operator import or_
 from typing import Any
 
 import torch
@@ -48,6 +46,12 @@ MAX_BLOCK = 8192  # widest row chunk held in registers
 # to 8192, 0.2-1.1 us slower at 1 and 128, so only for more rows than programs fit at
 # once. (The N-rank kernels hold one program per SM either way: 5-14 % slower.)
 MAX_QUANT_BLOCK = 4096
+# World size 1, more rows than programs fit at once: three 16-warp programs share an SM
+# with at most 40 registers a thread (65536 / 1536, allocated in eights). The compiler
+# takes 48-49 for the FP8 patterns at 4096 columns (their quotients side by side:
+# epilogue.divide_by), two programs an SM: 8-10 % slower from 2048 rows. Capped only
+# where the cap costs no spills (checked on the compiled kernel).
+ROWS_MAXNREG = 40
 BITS = {2: torch.int16, 4: torch.int32}
 MAX_TIMEOUT_US = 2**31 - 1  # keeps the argument an i32 whatever the timeout
 _raw_stream = torch._C._cuda_getCurrentRawStream  # what Triton's own launches use
@@ -72,26 +76,26 @@ class Resources:
 class Prepared:
     """A compiled variant and what its launches share."""
 
-    launch: Callable  # called as launch(grid, 1, 1, stream, *head, *args, *consts)
+    launch: Callable  # launch(grid, 1, 1, stream, *head, *static, *ptrs, *scalars, *tail)
     head: tuple  # what `launch` takes between the stream and the kernel's arguments
     grid: int
-    stride: int  # one-shot slot / two-shot chunk elements (Lamport kernels)
-    consts: tuple  # the constexpr arguments, in signature order
+    tail: tuple  # (N > 1) the slot / chunk stride, then the constexprs in signature order
 
 
 class Launcher:
     """Launches validated calls for one rank (one per workspace). `picks_oneshot(n,
-    use_oneshot)` is the workspace's strategy rule, asked once per plan."""
+    use_oneshot)` is the workspace's strategy rule, asked once per plan. Compiled
+    variants are kept in each plan's `launches`, by the call's pointer alignment."""
 
     def __init__(self, res: Resources, picks_oneshot: Callable[[int, bool | None], bool]):
         self.res = res
         self.compile_only = False
         self._picks_oneshot = picks_oneshot
-        self._cache: dict[tuple[int, int], Prepared] = {}
-        self._static = [res.buf.data_ptr(), res.deltas.data_ptr(), res.state.data_ptr()]
         self._device = res.buf.device.index
         self._u8 = res.dummy[torch.uint8]
         self._f32 = res.dummy[torch.float32]
+        self._timeout_s: float | None = None
+        self._static: tuple = ()  # the kernels' leading arguments: the rank's own (N > 1)
 
     def example_tokens(self, max_token_num: int) -> tuple[int, ...]:
         """Token counts whose calls need different variants (precompile builds each):
@@ -101,7 +105,7 @@ class Launcher:
         return (1,)
 
     def _tensors(self, call: FusionCall) -> list[torch.Tensor]:
-        """The pointer arguments every kernel takes after its own leading ones."""
+        """The pointer arguments every kernel takes after the input."""
         x, traits = call.input, call.traits
         sf = call.scale_factor
         return [
@@ -115,35 +119,35 @@ class Launcher:
             sf if isinstance(sf, torch.Tensor) else self._f32,
         ]
 
+    def _set_timeout(self, timeout_s: float) -> None:
+        """The leading arguments for this wait bound (microseconds, an i32 whatever the
+        bound): the rank's buffer, deltas, state, error array, rank, rotation stride."""
+        res = self.res
+        self._timeout_s = timeout_s
+        if res.world_size > 1:
+            self._static = (res.buf.data_ptr(), res.deltas.data_ptr(), res.state.data_ptr(),
+                            res.err_addr, res.rank, res.buf_stride,
+                            min(int(timeout_s * 1e6), MAX_TIMEOUT_US))
+
     def __call__(self, call: FusionCall, timeout_s: float) -> None:
+        plan = call.plan
+        prep = plan.launches.get(call.align)
+        if prep is None or self.compile_only:
+            oneshot = self._picks_oneshot(plan.num_tokens * plan.hidden_dim, plan.use_oneshot)
+            plan.launches[call.align] = prep = self._build(call, oneshot, timeout_s)
+            if self.compile_only:
+                return
+        if timeout_s is not self._timeout_s:  # the workspace passes the same float object
+            self._set_timeout(timeout_s)
         sf = call.scale_factor
         # Pointers the pattern never reads are 0: its constexprs skip them.
-        ptrs = (*call.ptrs, sf.data_ptr() if sf.__class__ is torch.Tensor else 0)
-        align = 0
-        if reduce(or_, ptrs) & 15:  # some pointer is not 16-byte aligned: which ones
-            for i, p in enumerate(ptrs):
-                align |= bool(p & 15) << i
-        key = (id(call.plan), align)  # plans live as long as the workspace
-        prep = self._cache.get(key)
-        if prep is None or self.compile_only:
-            oneshot = self._picks_oneshot(call.num_tokens * call.hidden_dim, call.use_oneshot)
-            prep = self._first(call, oneshot, timeout_s, self._tensors(call))
-            self._cache[key] = prep
-            return
-        res, plan = self.res, call.plan
-        scalars = (sf if sf.__class__ is float else 1.0, call.rms_eps, call.weight_bias,
-                   plan.num_tokens, plan.hidden_dim)
-        if res.world_size == 1:
-            args = (*ptrs, *scalars)
-        else:
-            args = (ptrs[0], *self._static, res.err_addr, *ptrs[1:], *scalars, res.rank,
-                    res.buf_stride, prep.stride, min(int(timeout_s * 1e6), MAX_TIMEOUT_US))
-        prep.launch(prep.grid, 1, 1, _raw_stream(self._device), *prep.head, *args, *prep.consts)
+        prep.launch(prep.grid, 1, 1, _raw_stream(self._device), *prep.head, *self._static,
+                    *call.ptrs, sf if sf.__class__ is float else 1.0, call.rms_eps,
+                    call.weight_bias, plan.num_tokens, plan.hidden_dim, *prep.tail)
 
-    def _first(self, call: FusionCall, oneshot: bool, timeout_s: float,
-               tensors: list[torch.Tensor]) -> Prepared:
-        """Through Triton's JIT: compile (and load) the variant; launch it unless
-        `compile_only`. Returns what later launches reuse."""
+    def _build(self, call: FusionCall, oneshot: bool, timeout_s: float) -> Prepared:
+        """Through Triton's JIT: compile (or find on disk) and load the variant a call
+        needs. Returns what its launches share."""
         res, x, traits = self.res, call.input, call.traits
         t, h = call.num_tokens, call.hidden_dim
         n = t * h
@@ -162,7 +166,7 @@ class Launcher:
             NUM_CHUNKS=triton.cdiv(h, block))
         if res.world_size == 1:
             kernel, stride, grid = local_kernel, 0, t
-            args = [x, *tensors, *scalars]
+            args = [x, *self._tensors(call), *scalars]
         else:
             push_block = num_warps * 32 * (16 // x.element_size())
             if oneshot:
@@ -172,9 +176,9 @@ class Launcher:
                 kernel, stride = twoshot_kernel, chunk_elements(n, res.world_size)
                 pieces = triton.cdiv(stride, push_block)
             grid = min(res.max_programs, max(t, pieces))
-            args = [x.view(BITS[x.element_size()]), res.buf, res.deltas, res.state,
-                    res.err_addr, *tensors, *scalars, res.rank, res.buf_stride, stride,
-                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US)]
+            args = [res.buf, res.deltas, res.state, res.err_addr, res.rank, res.buf_stride,
+                    min(int(timeout_s * 1e6), MAX_TIMEOUT_US), x.view(BITS[x.element_size()]),
+                    *self._tensors(call), *scalars, stride]
             consts.update(PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()],
                           WORLD=res.world_size,
                           SIG_MISC=encode_misc(call.pattern, x.dtype, oneshot, h),
@@ -183,13 +187,19 @@ class Launcher:
                       TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl)
         options = dict(num_warps=num_warps, launch_pdl=call.launch_with_pdl,
                        enable_fp_fusion=False)
-        if self.compile_only:
+        compiled = None
+        if res.world_size == 1 and t > res.max_programs and num_warps == 16:
+            compiled = kernel.warmup(*args, grid=(grid,), **consts, **options,
+                                     maxnreg=ROWS_MAXNREG)
+            compiled._init_handles()
+            if compiled.n_spills:
+                compiled = None
+        if compiled is None:
             compiled = kernel.warmup(*args, grid=(grid,), **consts, **options)
-            compiled._init_handles()  # load the module now, not during a later launch
-        else:
-            compiled = kernel[(grid,)](*args, **consts, **options)
-        return Prepared(*launch_entry(compiled), grid, stride,
-                        tuple(consts[name] for name in kernel.arg_names if name in consts))
+            compiled._init_handles()  # load the module now, not during a launch
+        consts = tuple(consts[name] for name in kernel.arg_names if name in consts)
+        return Prepared(*launch_entry(compiled), grid,
+                        consts if res.world_size == 1 else (stride, *consts))
 
 
 def launch_entry(compiled: Any) -> tuple[Callable, tuple]:

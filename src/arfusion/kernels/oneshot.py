@@ -62,10 +62,10 @@ def reduce_chunk(rot_ptr, slot_stride, row, cols, cm, H, check, sig, rank, deadl
 
 @triton.jit(do_not_specialize=["scale_value", "eps", "weight_bias", "T", "rank",
                                "timeout_us"])
-def oneshot_kernel(x_bits_ptr, buf_ptr, deltas_ptr, state_ptr, err_addr, out_ptr,
-                   residual_in_ptr, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr,
-                   scale_out_ptr, scale_ptr, scale_value, eps, weight_bias, T, H, rank,
-                   buf_stride, slot_stride, timeout_us,
+def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, timeout_us,
+                   x_bits_ptr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
+                   norm_out_ptr, quant_ptr, scale_out_ptr, scale_ptr, scale_value, eps,
+                   weight_bias, T, H, slot_stride,
                    NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr, WRITE_NORM: tl.constexpr,
                    QUANT: tl.constexpr, LAYOUT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
                    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PUSH_BLOCK: tl.constexpr,
