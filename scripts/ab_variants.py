@@ -34,10 +34,12 @@ import torch
 DTYPE = torch.bfloat16
 CALLS = 8  # input sets per graph, as the bench
 NOSIG = {  # protocol.py edits of the @nosig variant: the signature neither written nor read
-    "    if tl.program_id(0) == 0:\n        lanes = tl.arange(0, sig.shape[0])":
-        "    if tl.program_id(0) == -1:  # TIMING ONLY\n        lanes = tl.arange(0, sig.shape[0])",
-    'unwritten, how\n    many differ from `sig`."""\n':
-        'unwritten, how\n    many differ from `sig`."""\n    check = check * 0  # TIMING ONLY\n',
+    "    if tl.program_id(0) == 0:\n        words = signature_words(sig, WORLD)":
+        "    if tl.program_id(0) == -1:  # TIMING ONLY\n"
+        "        words = signature_words(sig, WORLD)",
+    "    words = signature_words(sig, WORLD)\n    lanes = tl.arange(0, words.shape[0])\n    w =":
+        "    check = check * 0  # TIMING ONLY\n    words = signature_words(sig, WORLD)\n"
+        "    lanes = tl.arange(0, words.shape[0])\n    w =",
 }
 
 

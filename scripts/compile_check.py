@@ -61,10 +61,9 @@ def compile_one(kernel, dt, pattern, write_output, layout, block, chunks, pdl, t
                  WRITE_NORM=traits.norm_out, QUANT=int(traits.quant), LAYOUT=layout,
                  SCALE_FROM_PTR=False, BLOCK=block, NUM_CHUNKS=chunks,
                  PUSH_BLOCK=warps * 32 * (16 // DT[dt][2]), CANON=CANONICAL_NAN_BITS[DT[dt][2]],
-                 USE_PDL=pdl, TRIGGER_AT_END=trigger, WORLD=world, SIG_MISC=pattern,
-                 HDR_TILE=triton.next_power_of_2(world) * 16)
+                 USE_PDL=pdl, TRIGGER_AT_END=trigger, WORLD=world, SIG_MISC=pattern)
     if kernel is local_kernel:
-        for name in ("PUSH_BLOCK", "CANON", "WORLD", "SIG_MISC", "HDR_TILE"):
+        for name in ("PUSH_BLOCK", "CANON", "WORLD", "SIG_MISC"):
             del const[name]
     if hidden_one:  # Triton turns an int argument equal to 1 into a constant
         const["H"] = 1

@@ -4,8 +4,8 @@ Every backend compares, before any value is used, a small signature of each call
 on every rank: the call's index in the workspace's sequence, num_tokens,
 hidden_dim, the input dtype, the pattern and (Lamport kernels) the strategy.
 The torch backend exchanges it first as a tuple; the Lamport kernels carry it in
-the buffer (kernels/protocol.py) as `SIG_LEN` elements of 15 bits each, never
-the sentinel whatever the element width:
+the buffer (kernels/protocol.py) as `SIG_LEN` 16-bit fields of 15 bits each (so
+never the sentinel's top bit), whatever the element width:
 
     e0 = T & 0x7FFF        e1 = (T >> 15) & 0x7FFF     e2 = H & 0x7FFF
     e3 = pattern | dtype << 4 | oneshot << 6 | ((H >> 15) & 0xFF) << 7

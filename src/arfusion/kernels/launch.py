@@ -28,7 +28,7 @@ import triton
 
 from ..patterns import Quant
 from ..signature import encode_misc
-from ..sizing import HEADER_SLOT, chunk_elements, round_up
+from ..sizing import chunk_elements, round_up
 from ..validation import FusionCall
 from .local import local_kernel
 from .oneshot import oneshot_kernel
@@ -181,8 +181,7 @@ class Launcher:
                     *self._tensors(call), *scalars, stride]
             consts.update(PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()],
                           WORLD=res.world_size,
-                          SIG_MISC=encode_misc(call.pattern, x.dtype, oneshot, h),
-                          HDR_TILE=triton.next_power_of_2(res.world_size) * HEADER_SLOT)
+                          SIG_MISC=encode_misc(call.pattern, x.dtype, oneshot, h))
         consts.update(USE_PDL=call.launch_with_pdl,
                       TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl)
         options = dict(num_warps=num_warps, launch_pdl=call.launch_with_pdl,

@@ -5,11 +5,10 @@ rotations and why clearing is race-free). b = k % 3, E = T*H, S = E rounded up
 to 16 (`slot_stride`); rotation b of every buffer holds the header (N slots of
 16 elements), then N data slots of S elements, slot q for rank q's input.
 
-1. Push: the programs split the input into PUSH_BLOCK pieces, each stored,
-   sanitised, into data slot r of rotation b of every rank's buffer
-   (`buf + delta[p] + b*buf_stride + N*16 + r*S + e`), this rank's own included;
-   then program 0 writes this call's signature into header slot r of rotation b
-   of every rank.
+1. Push: program 0 writes this call's signature into header slot r of rotation
+   b of every rank; the programs split the input into PUSH_BLOCK pieces, each
+   stored, sanitised, into data slot r of rotation b of every rank's buffer
+   (`buf + delta[p] + b*buf_stride + N*16 + r*S + e`), this rank's own included.
 2. Clear: the part of rotation (k-1)%3 of this rank's buffer that call k-1 used
    is reset to the sentinel.
 3. Reduce: program i takes rows i, i+P, ...; for each row chunk it loads the
@@ -41,7 +40,6 @@ from .protocol import (
     peer_deltas,
     publish_signature,
     sanitize,
-    signature,
     store_to_peers,
     sum_slots,
 )
@@ -70,7 +68,7 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
                    QUANT: tl.constexpr, LAYOUT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
                    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PUSH_BLOCK: tl.constexpr,
                    CANON: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_AT_END: tl.constexpr,
-                   WORLD: tl.constexpr, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
+                   WORLD: tl.constexpr, SIG_MISC: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     n = T * H
     step = tl.num_programs(0) * PUSH_BLOCK
@@ -81,6 +79,8 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
     epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
     if aborted == 0:
         rot_off = (epoch % 3) * buf_stride
+        sig = (T, H, epoch, tl.full([], SIG_MISC, tl.int64))  # protocol.signature_words
+        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)
         mine = rot_off + WORLD * HDR_SLOT + rank * slot_stride
         store_to_peers(sanitize(first_bits, CANON), mine + first, first < n, buf_ptr, ds,
                        WORLD)
@@ -89,8 +89,6 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
             m = offs < n
             bits = sanitize(tl.load(x_bits_ptr + offs, mask=m), CANON)
             store_to_peers(bits, mine + offs, m, buf_ptr, ds, WORLD)
-        sig = signature(T, H, epoch, SIG_MISC, HDR_TILE)
-        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)  # after the data
         clear_stale(buf_ptr, stale, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)

@@ -17,16 +17,21 @@ at a time, with no flags and no fences. Unlike a -0.0 sentinel this lets
 finished values that are -0.0 (a tiny negative sum rounded to fp16) travel
 bit-exact.
 
-Signature. In call k, program 0 of rank r writes the call's signature
+Signature. In call k, program 0 of rank r first writes the call's signature
 (`arfusion.signature`: tokens, hidden size, dtype, pattern, strategy, k) into
-header slot r of rotation k % 3 of every rank, after its share of the data (the
-data goes out first; readers wait for both). Every program's first poll loads
-all N header slots together with its data and uses no value before every slot
-has arrived equal to its own signature. A slot that arrives different stops the
-program at once: the signatures it saw go to the host-visible error array and
-the workspace is aborted, so no rank computes with a mismatched peer (the header
-sits at the same place whatever the call's shape, so it is read correctly even
-when the data is not).
+header slot r of rotation k % 3 of every rank (before the data: written after
+its share, it held every reader back until program 0 had pushed all of it):
+five 16-bit fields of 15 bits (so a written field never has the sentinel's top
+bit) in two 64-bit words, one 16-byte store per rank; slot q starts at byte
+32 q whatever the element width.
+Every program's first poll loads all N slots' words together with its data (at
+most 16 lanes, so their reduction stays within a warp) and uses no value before
+every slot has arrived equal to its own signature; the fields of a word may
+land apart, so a word counts as arrived once none of its fields has the top bit.
+A slot that arrives different stops the program at once: the signatures it saw
+go to the host-visible error array and the workspace is aborted, so no rank
+computes with a mismatched peer (the header sits at the same place whatever the
+call's shape, so it is read correctly even when the data is not).
 
 Polls. A poll loads every element it waits for, all slots together (one round
 trip per spin), and counts the sentinels left in one block reduction per spin;
@@ -85,6 +90,10 @@ SIG_ELEMS = tl.constexpr(SIG_LEN)
 SIG_MASK = tl.constexpr(0x7FFF)
 STOP_BIT = tl.constexpr(1 << 24)  # poll_status: unwritten + STOP_BIT * stop
 DIFFER_BIT = tl.constexpr(1 << 25)  # + DIFFER_BIT * (a header slot differs)
+SIG_WORDS = tl.constexpr(2)  # 64-bit header words a signature fills (SIG_ELEMS 16-bit fields)
+SLOT_WORDS = tl.constexpr(4)  # 64-bit words between header slots: 32 bytes, any element width
+FIELD_TOPS_W0 = tl.constexpr(0x1000100010001)  # a word >> 15: its four fields' top bits
+HDR_DIFFER = tl.constexpr(32)  # header_status: unwritten + HDR_DIFFER * differing (<= 16 words)
 
 
 def error_words(world_size: int) -> int:
@@ -100,39 +109,55 @@ def sanitize(bits, CANON: tl.constexpr):
 
 
 @triton.jit
-def signature(T, H, epoch, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
-    """This call's signature element (arfusion.signature) for every header lane: lane l
-    stands for element l % HDR_SLOT of rank l // HDR_SLOT's slot."""
-    j = tl.arange(0, HDR_TILE) % HDR_SLOT
-    t = T + tl.zeros([HDR_TILE], tl.int32)
-    e = tl.where(j == 0, t & SIG_MASK, (t >> 15) & SIG_MASK)
-    e = tl.where(j == 2, (H + tl.zeros([HDR_TILE], tl.int32)) & SIG_MASK, e)
-    e = tl.where(j == 3, SIG_MISC, e)
-    return tl.where(j == 4, epoch.to(tl.int32) & SIG_MASK, e)
+def signature_words(sig, WORLD: tl.constexpr):
+    """The header words of the call's signature `sig` = (T, H, call counter, SIG_MISC)
+    for every header lane: lane l stands for word l % SIG_WORDS of rank
+    l // SIG_WORDS's slot. Word 0 holds fields e0..e3, word 1 e4 and three sentinel
+    fields (arfusion.signature; field i at bits 16i of its word). Expanded only where
+    used: its parts are live anyway (kernel arguments, constants, the call counter), so
+    the signature holds no registers while rows are processed."""
+    t = sig[0].to(tl.int64)
+    h = t * 0 + sig[1]  # H may be a constexpr (hidden size 1)
+    w0 = (t & SIG_MASK) | (((t >> 15) & SIG_MASK) << 16) | ((h & SIG_MASK) << 32) \
+        | sig[3] << 48
+    w1 = (sig[2].to(tl.int64) & SIG_MASK) - 65536  # e4, then all-ones fields
+    w = tl.arange(0, triton.next_power_of_2(WORLD) * SIG_WORDS) % SIG_WORDS
+    return tl.where(w == 0, w0, w1)
+
+
+@triton.jit
+def header_words(buf_ptr):
+    """The header of the rotation at `buf_ptr` as 64-bit words (slot q: SLOT_WORDS * q)."""
+    return buf_ptr.to(tl.pointer_type(tl.int64))
 
 
 @triton.jit
 def publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD: tl.constexpr):
-    """Program 0: this rank's signature into its header slot of every rank's rotation."""
+    """Program 0: this rank's signature words into its header slot of every rank's
+    rotation (one 16-byte store per rank)."""
     if tl.program_id(0) == 0:
-        lanes = tl.arange(0, sig.shape[0])
-        store_to_peers(sig.to(buf_ptr.dtype.element_ty), rot_off + rank * HDR_SLOT + lanes,
-                       lanes < SIG_ELEMS, buf_ptr, ds, WORLD)
+        words = signature_words(sig, WORLD)
+        lanes = tl.arange(0, words.shape[0])
+        for p in tl.static_range(WORLD):
+            tl.store(header_words(buf_ptr + ds[p] + rot_off) + rank * SLOT_WORDS + lanes,
+                     words, mask=lanes < SIG_WORDS)
 
 
 @triton.jit
 def header_status(rot_ptr, sig, check, WORLD: tl.constexpr):
-    """While `check`, as this warp sees them: how many header lanes are unwritten, how
-    many differ from `sig`."""
-    lanes = tl.arange(0, sig.shape[0])
-    hm = ((lanes % HDR_SLOT) < SIG_ELEMS) & (lanes < WORLD * HDR_SLOT) & (check != 0)
-    hv = load_volatile(rot_ptr + lanes, hm).to(tl.int32)
-    unwritten = 0
-    differ = 0
-    if check != 0:
-        unwritten = tl.sum(((hv == -1) & hm).to(tl.int32), axis=0)
-        differ = tl.sum(((hv != -1) & (hv != sig) & hm).to(tl.int32), axis=0)
-    return unwritten, differ
+    """While `check`, as this warp sees them: how many header words are unwritten, how
+    many differ from `sig`. A word is unwritten while one of its signature fields still
+    has the sentinel's top bit (a written field has 15 bits): the fields of a word may
+    land apart. At most 16 lanes up to 8 ranks, so the one reduction stays in a warp."""
+    words = signature_words(sig, WORLD)
+    lanes = tl.arange(0, words.shape[0])
+    w = lanes % SIG_WORDS
+    hm = (lanes < WORLD * SIG_WORDS) & (check != 0)
+    hv = load_volatile(header_words(rot_ptr) + (lanes // SIG_WORDS) * SLOT_WORDS + w, hm)
+    tops = (hv >> 15) & tl.where(w == 0, FIELD_TOPS_W0, 1)  # bits 15, 31, 47, 63 of word 0
+    code = tl.where(tops != 0, 1, tl.where(hv != words, HDR_DIFFER, 0))
+    total = tl.sum(tl.where(hm, code, 0), axis=0)
+    return total % HDR_DIFFER, total // HDR_DIFFER
 
 
 @triton.jit
@@ -149,20 +174,28 @@ def report_missing(state_ptr, err_addr, peer, mask):
 def report_header(rot_ptr, sig, differ, check, rank, state_ptr, err_addr,
                   WORLD: tl.constexpr):
     """After giving up: the signatures seen if one differed, else the ranks whose
-    header never arrived. The header is loaded once more: the warps' own views of
-    the last spin may lag the one the decision was taken on (poll_status)."""
-    lanes = tl.arange(0, sig.shape[0])
-    hm = ((lanes % HDR_SLOT) < SIG_ELEMS) & (lanes < WORLD * HDR_SLOT) & (check != 0)
-    hv = load_volatile(rot_ptr + lanes, hm).to(tl.int32)
+    header never arrived. The header is loaded once more, field by field: the warps'
+    own views of the last spin may lag the one the decision was taken on
+    (poll_status)."""
+    words = signature_words(sig, WORLD)
+    lanes = tl.arange(0, words.shape[0] * (HDR_SLOT // SIG_WORDS))  # 16 per slot
+    q = lanes // HDR_SLOT
+    j = lanes % HDR_SLOT
+    hm = (j < SIG_ELEMS) & (q < WORLD) & (check != 0)
+    fields = header_words(rot_ptr).to(tl.pointer_type(tl.int16))
+    hv = load_volatile(fields + q * (SLOT_WORDS * 4) + j, hm).to(tl.int32)
     if differ > 0:
         tl.atomic_xchg(state_ptr + STATE_ABORT, 1)
+        w = tl.arange(0, words.shape[0])
+        mine = tl.where(j < 4, tl.sum(tl.where(w == 0, words, 0), axis=0),
+                        tl.sum(tl.where(w == 1, words, 0), axis=0))
+        mine = ((mine >> (16 * (j % 4))) & 0xFFFF).to(tl.int32)
         err = err_addr.to(tl.pointer_type(tl.int32))
-        tl.store(err + 2 + WORLD + lanes, tl.where(lanes // HDR_SLOT == rank, sig, hv),
-                 mask=hm)
+        tl.store(err + 2 + WORLD + lanes, tl.where(q == rank, mine, hv), mask=hm)
         tl.store(err + 1 + WORLD, 1)
         tl.store(err, 1)
     else:
-        report_missing(state_ptr, err_addr, lanes // HDR_SLOT, (hv == -1) & hm)
+        report_missing(state_ptr, err_addr, q, (hv == -1) & hm)
 
 
 @triton.jit

@@ -12,9 +12,9 @@ offsets from the end of the header:
 - gather-s, E elements at [2*N*C], only when a residual pattern also writes
   `output`: cast(s).
 
-1. Scatter: for each owner p, this rank stores its elements of chunk p,
-   sanitised, into scatter slot r of rotation b of p's buffer; then program 0
-   writes this call's signature into header slot r of rotation b of every rank.
+1. Scatter: program 0 writes this call's signature into header slot r of
+   rotation b of every rank; for each owner p, this rank stores its elements of
+   chunk p, sanitised, into scatter slot r of rotation b of p's buffer.
 2. Clear: the part of rotation (k-1)%3 of this rank's buffer that call k-1 used
    is reset to the sentinel.
 3. Reduce: the programs split this rank's chunk; each piece is polled in slots
@@ -49,7 +49,6 @@ from .protocol import (
     peer_deltas,
     publish_signature,
     sanitize,
-    signature,
     store_to_peers,
     sum_slots,
     wait_filled,
@@ -88,7 +87,7 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
                    QUANT: tl.constexpr, LAYOUT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
                    BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PUSH_BLOCK: tl.constexpr,
                    CANON: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER_AT_END: tl.constexpr,
-                   WORLD: tl.constexpr, SIG_MISC: tl.constexpr, HDR_TILE: tl.constexpr):
+                   WORLD: tl.constexpr, SIG_MISC: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     ds = peer_deltas(deltas_ptr, WORLD)
     epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
@@ -100,6 +99,8 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
         rot_off = (epoch % 3) * buf_stride
         data_off = rot_off + WORLD * HDR_SLOT
         n = T * H
+        sig = (T, H, epoch, tl.full([], SIG_MISC, tl.int64))  # protocol.signature_words
+        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)
         # 1. Scatter this rank's piece of every owner's chunk.
         for p in tl.static_range(WORLD):
             lo = p * chunk
@@ -109,8 +110,6 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
                 m = offs < length
                 bits = sanitize(tl.load(x_bits_ptr + lo + offs, mask=m), CANON)
                 tl.store(buf_ptr + ds[p] + data_off + rank * chunk + offs, bits, mask=m)
-        sig = signature(T, H, epoch, SIG_MISC, HDR_TILE)
-        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)  # after the data
         clear_stale(buf_ptr, stale, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)
