@@ -76,10 +76,10 @@ class Resources:
 class Prepared:
     """A compiled variant and what its launches share."""
 
-    launch: Callable  # launch(grid, 1, 1, stream, *head, *static, *ptrs, *scalars, *tail)
+    launch: Callable  # launch(*front, stream, *head, *static, *ptrs, *scalars, *back)
     head: tuple  # what `launch` takes between the stream and the kernel's arguments
-    grid: int
-    tail: tuple  # (N > 1) the slot / chunk stride, then the constexprs in signature order
+    front: tuple  # the grid: (programs, 1, 1)
+    back: tuple  # T, H, (N > 1) the slot / chunk stride, then the constexprs in order
 
 
 class Launcher:
@@ -141,9 +141,9 @@ class Launcher:
             self._set_timeout(timeout_s)
         sf = call.scale_factor
         # Pointers the pattern never reads are 0: its constexprs skip them.
-        prep.launch(prep.grid, 1, 1, _raw_stream(self._device), *prep.head, *self._static,
+        prep.launch(*prep.front, _raw_stream(self._device), *prep.head, *self._static,
                     *call.ptrs, sf if sf.__class__ is float else 1.0, call.rms_eps,
-                    call.weight_bias, plan.num_tokens, plan.hidden_dim, *prep.tail)
+                    call.weight_bias, *prep.back)
 
     def _build(self, call: FusionCall, oneshot: bool, timeout_s: float) -> Prepared:
         """Through Triton's JIT: compile (or find on disk) and load the variant a call
@@ -197,8 +197,8 @@ class Launcher:
             compiled = kernel.warmup(*args, grid=(grid,), **consts, **options)
             compiled._init_handles()  # load the module now, not during a launch
         consts = tuple(consts[name] for name in kernel.arg_names if name in consts)
-        return Prepared(*launch_entry(compiled), grid,
-                        consts if res.world_size == 1 else (stride, *consts))
+        return Prepared(*launch_entry(compiled), (grid, 1, 1),
+                        (t, h, *consts) if res.world_size == 1 else (t, h, stride, *consts))
 
 
 def launch_entry(compiled: Any) -> tuple[Callable, tuple]:
