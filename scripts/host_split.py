@@ -12,24 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from arfusion import allreduce_fusion, create_allreduce_fusion_workspace
-from arfusion.bench.runs import _case
+from arfusion import allreduce_fusion
+from arfusion.bench.runs import host_probe
 from arfusion.bench.timing import host_us
-from arfusion.comm import InProcessGroup
 from arfusion.kernels import launch as L
-from arfusion.testing import case_kwargs, case_outputs
 from arfusion.validation import CALL_ARGUMENTS, validate_call
 
 
 def main() -> None:
     dtype = torch.bfloat16
-    comm = InProcessGroup(1).backends()[0]
-    with create_allreduce_fusion_workspace("trtllm", world_size=1, rank=0, max_token_num=8,
-                                           hidden_dim=4096, dtype=dtype,
-                                           comm_backend=comm) as ws:
-        case = _case(1, 8, 4096, dtype)
-        x, outs, kw = case.input(0, "cuda"), case_outputs(case, "cuda", False), \
-            case_kwargs(case, "cuda")
+    with host_probe(dtype) as (ws, x, outs, kw):
         allreduce_fusion(x, ws, 1, **outs, **kw)
         passed = {**outs, **kw}
         defaults = dict(launch_with_pdl=False, trigger_completion_at_end=True, rms_eps=1e-6,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Iterator
 
 import torch
 
@@ -254,16 +255,23 @@ def process_rank(rank: int, world: int, args, dtypes, backends, mode: str) -> di
     return dict(rows=rows, tp=tp)
 
 
-def host_costs(dtype) -> dict:
-    """Eager host microseconds of one call (8 x 4096 kARResidualRMSNorm, world size 1)
-    next to a torch.add_ in the same process."""
+@contextlib.contextmanager
+def host_probe(dtype: torch.dtype) -> Iterator[tuple]:
+    """The call whose host cost the bench reports: a world-size-1 workspace, then the
+    input, outputs and keyword arguments of one 8 x 4096 kARResidualRMSNorm call."""
     comm = InProcessGroup(1).backends()[0]
     with create_allreduce_fusion_workspace("trtllm", world_size=1, rank=0, max_token_num=8,
                                            hidden_dim=4096, dtype=dtype,
                                            comm_backend=comm) as ws:
         case = _case(1, 8, 4096, dtype)
-        x, o, k = case.input(0, "cuda"), case_outputs(case, "cuda", False), \
+        yield ws, case.input(0, "cuda"), case_outputs(case, "cuda", False), \
             case_kwargs(case, "cuda")
+
+
+def host_costs(dtype) -> dict:
+    """Eager host microseconds of one call (host_probe) next to a torch.add_ in the same
+    process."""
+    with host_probe(dtype) as (ws, x, o, k):
         a = torch.ones(8, 4096, dtype=dtype, device="cuda")
         return host_us(dict(allreduce_fusion=lambda: allreduce_fusion(x, ws, 1, **o, **k),
                             torch_add_=lambda: a.add_(a)))

@@ -24,10 +24,11 @@ its share, it held every reader back until program 0 had pushed all of it):
 five 16-bit fields of 15 bits (so a written field never has the sentinel's top
 bit) in two 64-bit words, one 16-byte store per rank; slot q starts at byte
 32 q whatever the element width.
-Every program's first poll loads all N slots' words together with its data (at
-most 16 lanes, so their reduction stays within a warp) and uses no value before
-every slot has arrived equal to its own signature; the fields of a word may
-land apart, so a word counts as arrived once none of its fields has the top bit.
+Every program's first poll loads all N slots' words together with its data (two
+lanes per rank: their reduction stays within a warp up to 16 ranks) and uses no
+value before every slot has arrived equal to its own signature; the fields of a
+word may land apart, so a word counts as arrived once none of its fields has the
+top bit.
 A slot that arrives different stops the program at once: the signatures it saw
 go to the host-visible error array and the workspace is aborted, so no rank
 computes with a mismatched peer (the header sits at the same place whatever the
