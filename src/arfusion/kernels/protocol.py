@@ -94,7 +94,7 @@ DIFFER_BIT = tl.constexpr(1 << 25)  # + DIFFER_BIT * (a header slot differs)
 SIG_WORDS = tl.constexpr(2)  # 64-bit header words a signature fills (SIG_ELEMS 16-bit fields)
 SLOT_WORDS = tl.constexpr(4)  # 64-bit words between header slots: 32 bytes, any element width
 FIELD_TOPS_W0 = tl.constexpr(0x1000100010001)  # a word >> 15: its four fields' top bits
-HDR_DIFFER = tl.constexpr(32)  # header_status: unwritten + HDR_DIFFER * differing (<= 16 words)
+HDR_DIFFER = tl.constexpr(1 << 16)  # header_status: unwritten + HDR_DIFFER * differing words
 
 
 def error_words(world_size: int) -> int:
