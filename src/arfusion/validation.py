@@ -477,15 +477,15 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
     """Check one call (allreduce_fusion's arguments, in CALL_ARGUMENTS order) and
     allocate the outputs left as None. `real=False` (torch.compile tracing, fake
     tensors) skips the checks that read memory addresses."""
-    tensors = (input, output, residual_in, residual_out, rms_gamma, norm_out, quant_out,
-               scale_out, scale_factor)  # POINTER_ORDER
+    passed = (input, output, residual_in, residual_out, rms_gamma, norm_out, quant_out,
+              scale_out)  # POINTER_ORDER, then scale_factor
     try:  # the plan's key: pattern, flags, each tensor's dtype, shape, device, contiguity
         key = (pattern.__class__, pattern, layout_code, use_oneshot, launch_with_pdl,
                trigger_completion_at_end, rms_eps.__class__, weight_bias.__class__,
                (scale_factor.dtype, scale_factor.device, scale_factor.numel() > 0)
                if isinstance(scale_factor, torch.Tensor) else scale_factor.__class__,
                *[None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())
-                 for t in tensors[:8]])
+                 for t in passed])
         plan = ws.plans.get(key)
     except (AttributeError, TypeError):  # a wrong type or an unhashable value
         key = plan = None
@@ -503,6 +503,7 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
     weight_bias = 0.0 if weight_bias is None else float(weight_bias)
     ptrs, align = (), 0
     if real:
+        tensors = (*passed, scale_factor)
         found = [0] * len(tensors)
         for i in plan.read_slots:
             found[i] = tensors[i].data_ptr()
@@ -510,18 +511,20 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
         align = check_addresses(plan, ptrs)
 
     # Every check passed: allocate what the caller left out (fresh memory: aligned),
-    # make the kernels' views.
-    out = list(tensors[:8])
+    # make the kernels' views; a call that passed every output as it is copies nothing.
+    out = passed
     if plan.alloc:
-        fresh = list(ptrs)
+        out, fresh = list(passed), list(ptrs)
         for i, shape, dtype in plan.alloc:
             out[i] = t = torch.empty(shape, dtype=dtype, device=input.device)
             if real:
                 fresh[i] = t.data_ptr()
         ptrs = tuple(fresh)
     ret = norm_out if norm_out is not None else out[plan.returns]
-    if plan.quant_view is not None:
-        out[QUANT_SLOT] = flat_view(out[QUANT_SLOT], plan.quant_view)
-    if plan.scale_view is not None:
-        out[SCALE_SLOT] = flat_view(out[SCALE_SLOT], plan.scale_view)
+    if plan.quant_view is not None or plan.scale_view is not None:
+        out = list(out)
+        if plan.quant_view is not None:
+            out[QUANT_SLOT] = flat_view(out[QUANT_SLOT], plan.quant_view)
+        if plan.scale_view is not None:
+            out[SCALE_SLOT] = flat_view(out[SCALE_SLOT], plan.scale_view)
     return FusionCall(tuple(out), rms_eps, weight_bias, scale, plan, ret, ptrs, align)
