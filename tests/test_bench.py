@@ -34,6 +34,36 @@ def test_markdown_lists_every_method_and_labels_emulation():
     assert "| kARResidualRMSNorm | bfloat16 | 4096 | 1 | 10.0 [50%] | 20.0 |" in md
 
 
+def test_markdown_gives_the_signature_cost_to_a_hundredth():
+    rows = [_row("trtllm with signature", 1, 8.256, mode="signature"),
+            _row("trtllm without (timing only)", 1, 8.301, mode="signature"),
+            _row("trtllm signature cost", 1, -0.05, mode="signature")]
+    md = bench._markdown(HEADER, rows, {"copy_GBps": 3000.0})
+    assert "4 ranks (emulation), 1 token: what the call signature costs" in md
+    assert "| kARResidualRMSNorm | bfloat16 | 4096 | 1 | -0.05 | 8.26 | 8.30 |" in md
+
+
+def test_warm_up_lists_each_variant_once_longest_first():
+    import argparse
+
+    from arfusion.bench import warm
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args("--emulate 2,8 --patterns 1,2 --hidden 4096,8192 --tokens 1,2048 "
+                             "--emulation-tokens 1,128".split())
+    units = warm.units(args, [torch.bfloat16], "trtllm")
+    ranks = [u for u in units if u[0] == "ranks"]
+    assert units[:len(ranks)] == ranks and len(set(units)) == len(units)
+    assert sorted(u[2:] for u in ranks) == [(w, "trtllm", p, h) for w in (2, 8) for p in (1, 2)
+                                            for h in (4096, 8192)]
+    assert sorted(u[2:] for u in units[len(ranks):]) == [
+        (p, t, h) for p in (1, 2) for t in (1, 128, 2048) for h in (4096, 8192)]
+    mps = parser.parse_args("--mps --world-size 4 --emulate 2 --patterns 1 --hidden 4096 "
+                            "--tokens 1".split())
+    assert [u[2] for u in warm.units(mps, [torch.bfloat16], "trtllm") if u[0] == "ranks"] == [4]
+
+
 def test_tune_writes_the_largest_size_where_oneshot_still_wins(tmp_path):
     rows = []
     for tokens, one, two in [(1, 5.0, 9.0), (8, 6.0, 9.0), (64, 12.0, 10.0)]:

@@ -43,3 +43,8 @@ def test_header_fields_are_the_signature_and_a_torn_word_is_unwritten(seen):
     assert seen["2-int16", "fields"] == [4, 0, 256, 17, 5, -1, -1, -1]
     for f in range(5):
         assert seen["4-int16", f"torn{f}"] == [1, 0]
+
+
+def test_a_launch_without_signature_neither_writes_nor_waits(seen):
+    assert seen["4-int16", "unsigned_writes"] == 0
+    assert seen["4-int16", "unsigned_waits"] == [0, 0]  # an empty header, nothing unwritten

@@ -146,6 +146,13 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         finally:
             self._launch.compile_only = False
 
+    def without_signature(self) -> None:
+        """Timing only (the bench's signature cost): later calls neither write nor check
+        the call signature, so ranks' mismatched calls go undetected. Every rank must
+        switch before the same call."""
+        self._launch.signed = False
+        self.plans.clear()  # their compiled launches were signed
+
     @property
     def comm(self) -> CommBackend:
         return self._buffer.comm

@@ -15,7 +15,8 @@ Modes (runs.py), by where the ranks are:
 - `--mps`: N processes on one GPU under the CUDA Multi-Process Service (started and
   stopped here), CUDA IPC between them: the real deployment path, but not NVLink;
 - as many GPUs as ranks (or `--processes`): one process per GPU over NCCL.
-`--tune` re-derives the one-shot threshold table of `heuristics.py`.
+`--tune` re-derives the one-shot threshold table of `heuristics.py`; `--warm J` compiles
+what the run needs in J processes first (warm.py).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import argparse
 import gc
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from .. import heuristics, testing
 from ..patterns import PATTERNS
-from . import report, runs
+from . import report, runs, warm
 from .report import footprints as _footprints  # noqa: F401 - tests and users
 from .report import markdown as _markdown  # noqa: F401
 from .report import tune
@@ -67,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "as many GPUs as ranks)")
     p.add_argument("--tune", action="store_true",
                    help="re-derive heuristics.ONESHOT_MAX_BYTES from this run and write it")
+    p.add_argument("--warm", type=int, default=0, metavar="J",
+                   help="first compile every kernel variant and baseline the run needs in J "
+                        "processes (a cold cache otherwise compiles them one by one)")
     p.add_argument("--tune-from", metavar="BENCH_JSON",
                    help="only re-derive the table from an earlier run's bench.json (no GPU)")
 
@@ -111,6 +116,12 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
     backends = args.backends.split(",")
+    if args.warm > 0:  # before this process (or MPS) touches CUDA
+        start = time.perf_counter()
+        for failed in warm.fill_caches(args, dtypes, backends[0], args.warm):
+            print(f"warm-up left to the run: {failed}", flush=True)
+        print(f"warm-up: {time.perf_counter() - start:.0f} s in {args.warm} processes",
+              flush=True)
     gc.disable()  # graphs are freed explicitly (a collection mid-capture is not allowed)
     if not args.mps:
         # Emulated ranks are streams of one process: give every stream its own hardware

@@ -13,7 +13,7 @@ import torch
 
 from .. import heuristics, sizing
 from ..patterns import PATTERNS
-from .runs import TP_SHAPE
+from .runs import SIGNATURE, TP_SHAPE
 
 TITLES = {
     "processes": "{n} processes, one GPU each",
@@ -21,6 +21,8 @@ TITLES = {
     "emulation": "{n} ranks as streams of one process on one GPU, graphs launched "
                  "together (emulation: the exchange is local HBM traffic, not NVLink)",
     "world-1": "world size 1 on one GPU, with baselines",
+    SIGNATURE: "{n} ranks (emulation), 1 token: what the call signature costs (the same "
+               "calls with and without it, taking turns; without: timing only)",
 }
 
 
@@ -44,6 +46,8 @@ def header(world: int) -> dict:
 
 
 def _cell(row: dict) -> str:
+    if row["mode"] == SIGNATURE:  # tenths of a us matter here
+        return f"{row['us']:{'+' if row['method'].endswith('cost') else ''}.2f}"
     text = f"{row['us']:.1f}"
     if row["method"].endswith("auto"):
         text += f" ({row['strategy']})"
@@ -110,6 +114,7 @@ def plot(rows: list[dict], path: Path) -> None:
     def group(r: dict) -> tuple:  # one panel per placement, world size and case family
         return r["mode"], r["world_size"], r["pattern"], r["dtype"], r["hidden"]
 
+    rows = [r for r in rows if r["mode"] != SIGNATURE]  # differences, not latencies
     groups = sorted({group(r) for r in rows})
     cols = min(3, len(groups))
     nrows = -(-len(groups) // cols)

@@ -4,7 +4,8 @@
   epilogue, NCCL / symmetric memory + that epilogue, and a copy of the same bytes.
 - `emulated_rows`: N ranks as N streams of this process on one GPU, every rank's
   graph launched from one thread (no thread skew); their exchange is local HBM traffic.
-  With them, the harness's floor: the same streams running world-size-1 calls.
+  With them, the harness's floor: the same streams running world-size-1 calls, and at
+  1 token what the call signature costs (the same calls with and without it).
 - `process_rows`: one process per rank (one GPU each over NCCL and symmetric
   memory, or several on one GPU under MPS over CUDA IPC), max over ranks.
 - `tp_block`: a tensor-parallel block around the fused call, checked and timed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import statistics
 from collections.abc import Iterator
 
 import torch
@@ -35,6 +37,7 @@ from .timing import (
     lamport_bytes,
     time_graph,
     time_ranks_graph,
+    time_ranks_graphs,
 )
 
 STRATEGIES = {None: "auto", True: "oneshot", False: "twoshot"}
@@ -129,15 +132,19 @@ def world1_rows(args, dtype, copy: float) -> list[dict]:
     return rows
 
 
-def _emulated_workspaces(args, dtype, backend: str) -> list:
+def _emulated_workspaces(args, dtype, backend: str, max_token_num: int | None = None) -> list:
     n = args.world_size
     wss = testing.run_ranks(n, lambda ctx: create_allreduce_fusion_workspace(
-        backend, world_size=n, rank=ctx.rank, max_token_num=max(args.tokens),
+        backend, world_size=n, rank=ctx.rank, max_token_num=max_token_num or max(args.tokens),
         hidden_dim=max(args.hidden), dtype=dtype, comm_backend=ctx.comm,
         force_oneshot_support=True), device="cuda:0")
     for ws in wss:
         ws.timeout_s = EMULATION_TIMEOUT_S
     return wss
+
+
+def _destroy(wss: list) -> None:
+    testing.run_ranks(len(wss), lambda ctx: wss[ctx.rank].destroy(), device="cuda:0")
 
 
 EMULATION_TIMEOUT_S = 10.0  # a stalled emulated row costs this, not the default 30 s
@@ -163,14 +170,14 @@ def emulated_rows(args, dtype, backends, copy: float) -> list[dict]:
                           for i in range(args.calls)] for r in range(n)]
                 label = f"{n} ranks {backend} {STRATEGIES[oneshot]} {case.label()}"
                 try:
-                    us = time_ranks_graph(steps, args.replays,
-                                          lambda w=wss: [ws.check() for ws in w])
+                    captures = time_ranks_graphs([steps], args.replays,
+                                                 [lambda w=wss: [ws.check() for ws in w]])[0]
+                    us = statistics.median(captures)
                     for ws in wss:
                         ws.check()
                 except RuntimeError as e:
                     print(f"emulated row left out: {label}: {e}", flush=True)
-                    testing.run_ranks(n, lambda ctx, w=wss: w[ctx.rank].destroy(),
-                                      device="cuda:0")
+                    _destroy(wss)
                     wss = _emulated_workspaces(args, dtype, backend)
                     continue
                 used = wss[0].picks_oneshot(t * h, oneshot)
@@ -178,9 +185,59 @@ def emulated_rows(args, dtype, backends, copy: float) -> list[dict]:
                              + lamport_bytes(n, t, h, dtype.itemsize, used))
                 rows.append(_row(f"arfusion {backend} {STRATEGIES[oneshot]}", case, us, n,
                                  "emulation", STRATEGIES[used], moved, copy))
-                print(f"{label}: {us:.1f} us", flush=True)
-        testing.run_ranks(n, lambda ctx, w=wss: w[ctx.rank].destroy(), device="cuda:0")
+                print(f"{label}: {us:.1f} us (captures: "
+                      + ", ".join(f"{c:.1f}" for c in captures) + ")", flush=True)
+        _destroy(wss)
+        rows += _signature_rows(args, dtype, backend)
     return rows + _harness_floor_rows(args, dtype)
+
+
+SIGNATURE_ROUNDS = 10
+SIGNATURE = "signature"  # the rows' mode
+
+
+def _signature_rows(args, dtype, backend: str) -> list[dict]:
+    """At 1 token, what the call signature costs: each case's calls (strategy auto) on
+    workspaces that check it and on workspaces of the same size that skip it
+    (`without_signature`: timing only), taking turns on the same streams, each round
+    captured anew (time_ranks_graphs); the cost is the median of the rounds'
+    differences."""
+    n = args.world_size
+    cases = [c for c in _shapes(args, dtype) if c.num_tokens == 1]
+    if not cases:
+        return []
+    wss, bare = (_emulated_workspaces(args, dtype, backend, max_token_num=1) for _ in range(2))
+    for ws in bare:
+        ws.without_signature()
+    rows = []
+    for case in cases:
+        oneshot = wss[0].picks_oneshot(case.hidden_dim)
+        ranks = [_Calls(case, r, args.calls) for r in range(n)]
+        variants = []
+        for w in (wss, bare):
+            for r in range(n):
+                with w[r].compile_only():
+                    ranks[r].one(w[r], 0, oneshot)
+            variants.append([[lambda c=ranks[r], ws=w[r], i=i, o=oneshot: c.one(ws, i, o)
+                              for i in range(args.calls)] for r in range(n)])
+        try:
+            signed, unsigned = time_ranks_graphs(
+                variants, args.replays, [lambda w=w: [ws.check() for ws in w]
+                                         for w in (wss, bare)], SIGNATURE_ROUNDS)
+        except RuntimeError as e:
+            print(f"signature rows left out: {n} ranks {backend} {case.label()}: {e}",
+                  flush=True)
+            break  # a stalled workspace is aborted: the rest would stall too
+        cost = statistics.median(a - b for a, b in zip(signed, unsigned, strict=True))
+        signed, unsigned = statistics.median(signed), statistics.median(unsigned)
+        rows += [_row(method, case, us, n, SIGNATURE, STRATEGIES[oneshot]) for method, us in (
+            (f"{backend} with signature", signed), (f"{backend} without (timing only)", unsigned),
+            (f"{backend} signature cost", cost))]
+        print(f"{n} ranks {backend} {case.label()}: signature {cost:+.2f} us "
+              f"({signed:.2f} vs {unsigned:.2f})", flush=True)
+    _destroy(wss)
+    _destroy(bare)
+    return rows
 
 
 HARNESS_FLOOR = "no exchange: N x world size 1"

@@ -15,8 +15,9 @@ from ..patterns import PATTERNS, Quant
 WARMUP_REPLAYS = 3
 
 
-def _median_replay_us(graph, stream: torch.cuda.Stream, calls: int,
-                      replays: int, before: Callable[[], None] = lambda: None) -> float:
+def _replay_us(graph, stream: torch.cuda.Stream, calls: int, replays: int,
+               before: Callable[[], None] = lambda: None) -> list[float]:
+    """us per call of each of `replays` replays of `graph` on `stream` (after warm-up)."""
     times = []
     for _ in range(replays + WARMUP_REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -27,7 +28,12 @@ def _median_replay_us(graph, stream: torch.cuda.Stream, calls: int,
         end.record(stream)
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times[WARMUP_REPLAYS:])
+    return times[WARMUP_REPLAYS:]
+
+
+def _median_replay_us(graph, stream: torch.cuda.Stream, calls: int,
+                      replays: int, before: Callable[[], None] = lambda: None) -> float:
+    return statistics.median(_replay_us(graph, stream, calls, replays, before))
 
 
 def time_graph(step: Callable[[], None], calls: int, replays: int,
@@ -49,64 +55,105 @@ def time_graph(step: Callable[[], None], calls: int, replays: int,
     return us
 
 
-def time_ranks_graph(calls_by_rank: list[list[Callable[[], None]]], replays: int,
-                     check: Callable[[], None] = lambda: None) -> float:
-    """Every rank of this process at once: rank r's calls (`calls_by_rank[r]`) are
-    captured into a graph of their own on rank r's stream, and a replay launches all N
-    graphs back to back from this thread between a fork and a join event (a few us of
-    skew between ranks, no thread scheduling). Returns the median us per call of the
-    whole (fork to join, over the calls per rank).
+_STREAMS: dict[int, list[torch.cuda.Stream]] = {}
+
+
+def _rank_streams(n: int) -> list[torch.cuda.Stream]:
+    """The fork/join stream and one per rank, the same for every timing of N ranks (so
+    that which hardware queue a new stream lands on is not one more variable)."""
+    if n not in _STREAMS:
+        _STREAMS[n] = [torch.cuda.Stream() for _ in range(n + 1)]
+    return _STREAMS[n]
+
+
+class _RanksGraph:
+    """Every rank of this process at once: rank r's calls are captured into a graph of
+    their own on rank r's stream, and `replay` launches all N graphs back to back from
+    this thread between a fork and a join event on `main` (a few us of skew between
+    ranks, no thread scheduling).
 
     One graph holding every rank as a branch was tried first and stalls: CUDA does not
     promise that independent branches run at the same time, and a rank that waits for
     a peer serialised behind it never finishes. Separate launches on separate streams
     (as the eager warm-up below, issued call by call across the ranks) do run together.
     """
-    main = torch.cuda.Stream()
-    streams = [torch.cuda.Stream() for _ in calls_by_rank]
 
-    def fork_join(body: Callable[[], None]) -> None:
+    def __init__(self, calls_by_rank: list[list[Callable[[], None]]],
+                 check: Callable[[], None]):
+        self.main, *self.streams = _rank_streams(len(calls_by_rank))
+        self.calls = len(calls_by_rank[0])
+
+        def eager() -> None:
+            for batch in zip(*calls_by_rank, strict=True):
+                for stream, call in zip(self.streams, batch, strict=True):
+                    with torch.cuda.stream(stream):
+                        call()
+
+        with torch.cuda.stream(self.main):
+            self._fork_join(eager)  # every rank's kernels run concurrently on their streams
+        torch.cuda.synchronize()
+        check()  # a stalled eager run must not be captured
+        self.graphs = []
+        for stream, calls in zip(self.streams, calls_by_rank, strict=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for call in calls:
+                    call()
+            self.graphs.append(graph)
+        torch.cuda.synchronize()
+
+    def _fork_join(self, body: Callable[[], None]) -> None:
         fork = torch.cuda.Event()
-        fork.record(main)
-        for stream in streams:
+        fork.record(self.main)
+        for stream in self.streams:
             stream.wait_event(fork)
         body()
-        for stream in streams:
+        for stream in self.streams:
             done = torch.cuda.Event()
             done.record(stream)
-            main.wait_event(done)
+            self.main.wait_event(done)
 
-    def eager() -> None:
-        for batch in zip(*calls_by_rank, strict=True):
-            for stream, call in zip(streams, batch, strict=True):
+    def replay(self) -> None:
+        def replay_all() -> None:
+            for stream, graph in zip(self.streams, self.graphs, strict=True):
                 with torch.cuda.stream(stream):
-                    call()
+                    graph.replay()
 
-    with torch.cuda.stream(main):
-        fork_join(eager)  # every rank's kernels run concurrently on their streams
-    torch.cuda.synchronize()
-    check()  # a stalled eager run must not be captured
-    graphs = []
-    for stream, calls in zip(streams, calls_by_rank, strict=True):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for call in calls:
-                call()
-        graphs.append(graph)
+        self._fork_join(replay_all)
 
-    def replay_all() -> None:
-        for stream, graph in zip(streams, graphs, strict=True):
-            with torch.cuda.stream(stream):
-                graph.replay()
 
-    class _AllRanks:  # what _median_replay_us replays
-        def replay(self) -> None:
-            fork_join(replay_all)
+CAPTURES = 3
 
-    torch.cuda.synchronize()
-    us = _median_replay_us(_AllRanks(), main, len(calls_by_rank[0]), replays)
-    check()  # a replay that stalled leaves the workspaces aborted: its time means nothing
-    return us
+
+def time_ranks_graph(calls_by_rank: list[list[Callable[[], None]]], replays: int,
+                     check: Callable[[], None] = lambda: None) -> float:
+    """Median us per call (fork to join, over the calls per rank) of every rank's calls
+    (`calls_by_rank[r]`) replayed together (_RanksGraph): the median of CAPTURES
+    captures' medians (time_ranks_graphs)."""
+    return statistics.median(time_ranks_graphs([calls_by_rank], replays, [check])[0])
+
+
+def time_ranks_graphs(variants: list[list[list[Callable[[], None]]]], replays: int,
+                      checks: list[Callable[[], None]],
+                      rounds: int = CAPTURES) -> list[list[float]]:
+    """Per variant (every rank's calls), the median us per call of each of `rounds`
+    rounds; in a round every variant is captured anew (_RanksGraph) and replayed
+    `replays` times, the variants taking turns (in reverse order every other round).
+
+    Anew: emulated ranks settle into a pace per capture (how their kernels overlap on
+    the one GPU), so one capture can be far off: the same kernel on the same inputs and
+    workspaces measured 82.6 and 120.4 us in two captures (N = 2, 1024 x 4096, H100).
+    Taking turns: the variants see the card in the same state (clocks, temperature)."""
+    times: list[list[float]] = [[] for _ in variants]
+    turns = list(zip(variants, checks, times, strict=True))
+    for i in range(rounds):
+        for calls, check, t in turns if i % 2 == 0 else turns[::-1]:  # neither always first
+            graph = _RanksGraph(calls, check)
+            t.append(statistics.median(_replay_us(graph, graph.main, graph.calls, replays)))
+            del graph  # its memory back before the next capture
+    for check in checks:
+        check()  # a replay that stalled leaves the workspaces aborted: its time means nothing
+    return times
 
 
 def host_us(fns: dict[str, Callable[[], object]], blocks: int = 9,

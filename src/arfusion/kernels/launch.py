@@ -32,7 +32,7 @@ from ..sizing import chunk_elements, round_up
 from ..validation import FusionCall
 from .local import local_kernel
 from .oneshot import oneshot_kernel
-from .protocol import CANONICAL_NAN_BITS, STATE_SIZE, error_words
+from .protocol import CANONICAL_NAN_BITS, NO_SIGNATURE, STATE_SIZE, error_words
 from .twoshot import twoshot_kernel
 
 __all__ = ["BITS", "STATE_SIZE", "Launcher", "Resources", "error_words"]
@@ -90,6 +90,7 @@ class Launcher:
     def __init__(self, res: Resources, picks_oneshot: Callable[[int, bool | None], bool]):
         self.res = res
         self.compile_only = False
+        self.signed = True  # False only to time what the signature costs (the bench)
         self._picks_oneshot = picks_oneshot
         self._device = res.buf.device.index
         self._u8 = res.dummy[torch.uint8]
@@ -181,7 +182,8 @@ class Launcher:
                     *self._tensors(call), *scalars, stride]
             consts.update(PUSH_BLOCK=push_block, CANON=CANONICAL_NAN_BITS[x.element_size()],
                           WORLD=res.world_size,
-                          SIG_MISC=encode_misc(call.pattern, x.dtype, oneshot, h))
+                          SIG_MISC=encode_misc(call.pattern, x.dtype, oneshot, h)
+                          if self.signed else NO_SIGNATURE.value)
         consts.update(USE_PDL=call.launch_with_pdl,
                       TRIGGER_AT_END=call.trigger_completion_at_end or not call.launch_with_pdl)
         options = dict(num_warps=num_warps, launch_pdl=call.launch_with_pdl,
