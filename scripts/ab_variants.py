@@ -9,7 +9,11 @@ code differ by up to 0.7 us at 1 token in the emulation; this resolves ~0.1 us).
 `arfusion` (first on PYTHONPATH) is always variant one; each `--variant NAME=TREE`
 copies TREE/arfusion to a temporary package `arfusion_NAME` (absolute module names
 rewritten) and imports it beside. TREE `@nosig` is this tree with no signature
-published or checked: for timing the signature only, never for results.
+published or checked: for timing the signature only, never for results. Every variant
+runs through variant one's harness (inputs, timing, baselines: arfusion.bench) and only
+its own API (create_allreduce_fusion_workspace, allreduce_fusion, comm.InProcessGroup),
+so `w1` and `host` work with any tree back to the first; `emu` also needs the tree's
+`testing.run_ranks` and `workspace.compile_only`.
 
 Parts: `w1` world size 1 (`--w1 PATTERN:HIDDEN:TOKENS,...`, time_graph medians, with
 `--compiled` the torch.compile'd epilogue too); `emu` N ranks as streams of this
@@ -30,6 +34,11 @@ import tempfile
 from collections.abc import Callable
 
 import torch
+
+from arfusion.bench import baselines as B
+from arfusion.bench import runs as R
+from arfusion.bench import timing as T
+from arfusion.patterns import PATTERNS
 
 DTYPE = torch.bfloat16
 CALLS = 8  # input sets per graph, as the bench
@@ -59,8 +68,14 @@ def make_package(root: str, name: str, tree: str) -> str:
 
 
 def load(pkg: str) -> dict:
-    return {m: importlib.import_module(pkg + m) for m in
-            ("", ".bench.runs", ".bench.timing", ".bench.baselines", ".testing", ".comm")}
+    return {m: importlib.import_module(pkg + m) for m in ("", ".comm")}
+
+
+def issue(m: dict, c: R._Calls, ws, i: int) -> None:
+    """Call i of `c` (a harness _Calls) through variant `m`'s own allreduce_fusion."""
+    x, residual = c.sets[i]
+    extra = {"residual_in": residual} if PATTERNS[c.case.pattern].norm else {}
+    m[""].allreduce_fusion(x, ws, c.case.pattern, **c.out, **c.kw, **extra)
 
 
 def rounds(fns: dict[str, Callable[[], float]], n: int, label: str) -> dict[str, float]:
@@ -89,18 +104,14 @@ def world1(mods: dict, cases: list[tuple[int, int, list[int]]], args) -> None:
     print("|" + " --- |" * (3 + len(names)))
     for pattern, h, ts in cases:
         for t in ts:
-            fns = {}
-            for p, m in mods.items():
-                calls = m[".bench.runs"]._Calls(m[".bench.runs"]._case(pattern, t, h, DTYPE), 0,
-                                                 CALLS)
-                fns[p] = lambda c=calls, w=wss[p], T=m[".bench.timing"]: T.time_graph(
-                    lambda: c.fused(w), CALLS, args.replays)
+            case = R._case(pattern, t, h, DTYPE)
+            calls = R._Calls(case, 0, CALLS)  # the same inputs for every variant
+            fns = {p: lambda m=m, w=wss[p], c=calls: T.time_graph(
+                lambda: [issue(m, c, w, i) for i in range(CALLS)], CALLS, args.replays)
+                for p, m in mods.items()}
             if args.compiled:
-                m = next(iter(mods.values()))
-                case = m[".bench.runs"]._case(pattern, t, h, DTYPE)
-                calls = m[".bench.runs"]._Calls(case, 0, CALLS)
-                epilogue = m[".bench.baselines"].epilogue_fn(pattern, DTYPE, case.scale_factor)
-                fns["compiled"] = lambda c=calls, e=epilogue, T=m[".bench.timing"]: T.time_graph(
+                epilogue = B.epilogue_fn(pattern, DTYPE, case.scale_factor)
+                fns["compiled"] = lambda e=epilogue, c=calls: T.time_graph(
                     lambda: c.baseline(e), CALLS, args.replays)
             r = rounds(fns, args.rounds, f"p{pattern} {t}x{h}")
             print(f"| {pattern} | {h} | {t} | " + " | ".join(f"{r[k]:.1f}" for k in names)
@@ -111,20 +122,20 @@ def world1(mods: dict, cases: list[tuple[int, int, list[int]]], args) -> None:
 
 def emulated(mods: dict, n: int, pattern: int, h: int, t: int, args) -> None:
     fns, made = {}, []
+    ranks = [R._Calls(R._case(pattern, t, h, DTYPE), r, CALLS) for r in range(n)]
     for p, m in mods.items():
-        R, X = m[".bench.runs"], m[".testing"]
+        X = importlib.import_module(m[""].__name__ + ".testing")
         wss = X.run_ranks(n, lambda ctx, m=m: m[""].create_allreduce_fusion_workspace(
             "trtllm", world_size=n, rank=ctx.rank, max_token_num=t, hidden_dim=h, dtype=DTYPE,
             comm_backend=ctx.comm, force_oneshot_support=True), device="cuda:0")
         for ws in wss:
             ws.timeout_s = 10.0  # a stalled row costs this, not the default bound
-        ranks = [R._Calls(R._case(pattern, t, h, DTYPE), r, CALLS) for r in range(n)]
         for r in range(n):  # compile first, nothing launches
             with wss[r].compile_only():
-                ranks[r].one(wss[r], 0)
-        steps = [[lambda c=ranks[r], w=wss[r], i=i: c.one(w, i) for i in range(CALLS)]
-                 for r in range(n)]
-        fns[p] = lambda T=m[".bench.timing"], s=steps, w=wss: T.time_ranks_graph(
+                issue(m, ranks[r], wss[r], 0)
+        steps = [[lambda m=m, c=ranks[r], w=wss[r], i=i: issue(m, c, w, i)
+                  for i in range(CALLS)] for r in range(n)]
+        fns[p] = lambda s=steps, w=wss: T.time_ranks_graph(
             s, args.replays, lambda: [x.check() for x in w])
         made.append((X, wss))
     r = rounds(fns, args.rounds, f"N={n} p{pattern} {t}x{h}")
@@ -153,7 +164,7 @@ def host(mods: dict) -> None:
             x, ws, 2, residual_out=ro, quant_out=q, residual_in=r, rms_gamma=g,
             scale_factor=0.5)
     fns["torch.add_"] = lambda: a.add_(a)
-    for k, v in next(iter(mods.values()))[".bench.timing"].host_us(fns).items():
+    for k, v in T.host_us(fns).items():
         print(f"host {k}: {v:.2f} us", flush=True)
     for ws in wss:
         ws.destroy()

@@ -91,9 +91,9 @@ def markdown(header: dict, rows: list[dict], extras: dict) -> str:
                      f"{first['warm_s']:.2f} s with it warm")
     if fp:
         notes.append(f"- symmetric memory per rank for {fp['config']}: trtllm "
-                     f"{fp['trtllm'] / 2**20:.0f} MiB, mnnvl {fp['mnnvl'] / 2**20:.0f} MiB "
-                     f"({fp['mnnvl_force_oneshot'] / 2**20:.0f} MiB with force_oneshot_support), "
-                     f"FlashInfer trtllm formula {fp['flashinfer_trtllm'] / 2**20:.0f} MiB")
+                     f"{fp['trtllm'] / 2**20:.1f} MiB, mnnvl {fp['mnnvl'] / 2**20:.1f} MiB "
+                     f"({fp['mnnvl_force_oneshot'] / 2**20:.1f} MiB with force_oneshot_support), "
+                     f"FlashInfer trtllm formula {fp['flashinfer_trtllm'] / 2**20:.1f} MiB")
     t, h = TP_SHAPE
     for r in extras.get("tp_layer", []):
         notes.append(f"- TP block ({t} tokens, hidden {h}, intermediate {4 * h}), "
