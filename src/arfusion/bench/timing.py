@@ -13,6 +13,7 @@ from .. import testing
 from ..patterns import PATTERNS, Quant
 
 WARMUP_REPLAYS = 3
+CAPTURES = 3  # ranks sharing a GPU: each timing is the median of this many captures
 
 
 def _replay_us(graph, stream: torch.cuda.Stream, calls: int, replays: int,
@@ -40,7 +41,9 @@ def time_graph(step: Callable[[], None], calls: int, replays: int,
                ctx: testing.RankContext | None = None) -> float:
     """Median microseconds per call of `step` (which issues `calls` calls), replayed as
     a CUDA graph; with `ctx` (one process per rank), every rank captures its own graph
-    and the ranks meet before each replay."""
+    and the ranks meet before each replay, CAPTURES times (the median of the captures'
+    medians: ranks sharing a GPU settle into a pace per capture, see
+    time_ranks_graphs)."""
     if ctx is None:
         step()
         torch.cuda.synchronize()
@@ -48,11 +51,13 @@ def time_graph(step: Callable[[], None], calls: int, replays: int,
         with torch.cuda.graph(graph):
             step()
         return _median_replay_us(graph, torch.cuda.current_stream(), calls, replays)
-    graph = testing.capture_graph(ctx, step)
-    us = _median_replay_us(graph, ctx.stream, calls, replays, ctx.comm.barrier)
-    del graph
-    ctx.comm.barrier()
-    return us
+    medians = []
+    for _ in range(CAPTURES):
+        graph = testing.capture_graph(ctx, step)
+        medians.append(_median_replay_us(graph, ctx.stream, calls, replays, ctx.comm.barrier))
+        del graph
+        ctx.comm.barrier()
+    return statistics.median(medians)
 
 
 _STREAMS: dict[int, list[torch.cuda.Stream]] = {}
@@ -120,9 +125,6 @@ class _RanksGraph:
                     graph.replay()
 
         self._fork_join(replay_all)
-
-
-CAPTURES = 3
 
 
 def time_ranks_graph(calls_by_rank: list[list[Callable[[], None]]], replays: int,
