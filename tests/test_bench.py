@@ -1,7 +1,9 @@
-"""The parts of the benchmark that need no GPU: footprints, report, heuristic tuning."""
+"""The parts of the benchmark that need no GPU: footprints, report, heuristic tuning, the
+warm-up's plan and its no-GPU path."""
 
 import shutil
 
+import pytest
 import torch
 
 from arfusion import bench, heuristics, sizing
@@ -62,6 +64,19 @@ def test_warm_up_lists_each_variant_once_longest_first():
     mps = parser.parse_args("--mps --world-size 4 --emulate 2 --patterns 1 --hidden 4096 "
                             "--tokens 1".split())
     assert [u[2] for u in warm.units(mps, [torch.bfloat16], "trtllm") if u[0] == "ranks"] == [4]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
+def test_warm_up_without_a_gpu_leaves_every_unit_to_the_run():
+    import argparse
+
+    from arfusion.bench import warm
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args("--world-size 2 --patterns 1 --hidden 256 --tokens 1".split())
+    failed = list(warm.fill_caches(args, [torch.bfloat16], "trtllm", 2))
+    assert len(failed) == 2 and all(f.startswith("(") for f in failed), failed
 
 
 def test_tune_writes_the_largest_size_where_oneshot_still_wins(tmp_path):

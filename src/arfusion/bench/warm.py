@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -96,10 +98,14 @@ def _worker(share: list[Unit], max_tokens: int, max_hidden: int) -> list[str]:
 def fill_caches(args: argparse.Namespace, dtypes: list[torch.dtype], backend: str,
                 jobs: int) -> Iterator[str]:
     """Compile the run's units in `jobs` spawned processes (round robin); yields what
-    failed."""
+    failed. A process that dies (not an exception: a crash) leaves its share to the run."""
     todo = units(args, dtypes, backend)
     shares = [todo[i::jobs] for i in range(jobs) if todo[i::jobs]]
     max_tokens = max(args.tokens + (args.emulation_tokens or []))
-    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
-        for failed in pool.starmap(_worker, [(s, max_tokens, max(args.hidden)) for s in shares]):
-            yield from failed
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = [ex.submit(_worker, s, max_tokens, max(args.hidden)) for s in shares]
+        for future in futures:
+            try:
+                yield from future.result()
+            except BrokenProcessPool as e:
+                yield f"a warm-up process died ({e}): its share compiles in the run"
