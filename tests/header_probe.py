@@ -22,7 +22,7 @@ T, H, MISC, EPOCH = 4, 256, 17, 5
 def _publish(buf_ptr, deltas_ptr, rank, T, H, epoch_ptr, WORLD: tl.constexpr,
              SIG_MISC: tl.constexpr):
     sig = (T, H, tl.load(epoch_ptr), tl.full([], SIG_MISC, tl.int64))
-    P.publish_signature(sig, 0, rank, buf_ptr, P.peer_deltas(deltas_ptr, WORLD), WORLD)
+    P.publish_signature(sig, 0, rank, buf_ptr, P.lane_deltas(deltas_ptr, WORLD), WORLD)
 
 
 @triton.jit

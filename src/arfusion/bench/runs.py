@@ -190,7 +190,7 @@ def emulated_rows(args, dtype, backends, copy: float) -> list[dict]:
     return rows + _harness_floor_rows(args, dtype)
 
 
-SIGNATURE_ROUNDS = 10
+SIGNATURE_ROUNDS = 20  # single captures of emulated ranks stray by microseconds at N = 8
 SIGNATURE = "signature"  # the rows' mode
 
 
@@ -226,13 +226,16 @@ def _signature_rows(args, dtype, backend: str) -> list[dict]:
             print(f"signature rows left out: {n} ranks {backend} {case.label()}: {e}",
                   flush=True)
             break  # a stalled workspace is aborted: the rest would stall too
-        cost = statistics.median(a - b for a, b in zip(signed, unsigned, strict=True))
+        diffs = [a - b for a, b in zip(signed, unsigned, strict=True)]
+        cost = statistics.median(diffs)
+        q1, _, q3 = statistics.quantiles(diffs, n=4)
         signed, unsigned = statistics.median(signed), statistics.median(unsigned)
         rows += [_row(method, case, us, n, SIGNATURE, STRATEGIES[oneshot]) for method, us in (
             (f"{backend} with signature", signed), (f"{backend} without (timing only)", unsigned),
             (f"{backend} signature cost", cost))]
         print(f"{n} ranks {backend} {case.label()}: signature {cost:+.2f} us "
-              f"({signed:.2f} vs {unsigned:.2f})", flush=True)
+              f"({signed:.2f} vs {unsigned:.2f}; rounds' differences, middle half "
+              f"{q1:+.2f} to {q3:+.2f})", flush=True)
     _destroy(wss)
     _destroy(bare)
     return rows

@@ -39,11 +39,12 @@ MIN_DYNAMIC_SCALE = tl.constexpr(DYNAMIC_FP8_MIN_SCALE)
 
 @triton.jit
 def load_residual(row, cols, cm, H, residual_in_ptr, NORM: tl.constexpr):
-    """The residual row chunk as fp32 (0 without a residual). Loaded before the strategy
-    polls for the sum, so its latency overlaps the wait."""
+    """The residual row chunk in its own dtype (0 without a residual). Loaded before the
+    strategy polls for the sum, so its latency overlaps the wait; widened only after it
+    (residual_add), so that it holds half the registers during the poll."""
     if NORM:
-        return tl.load(residual_in_ptr + row * H + cols, mask=cm, other=0).to(tl.float32)
-    return tl.zeros(cols.shape, tl.float32)
+        return tl.load(residual_in_ptr + row * H + cols, mask=cm, other=0)
+    return tl.zeros(cols.shape, residual_in_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def residual_add(s, r, row, cols, cm, H, out_ptr, residual_out_ptr, NORM: tl.con
     if NORM:
         if WRITE_OUTPUT:
             tl.store(out_ptr + offs, s.to(DT), mask=cm)
-        h = (s + r).to(DT)
+        h = (s + r.to(tl.float32)).to(DT)
         tl.store(residual_out_ptr + offs, h, mask=cm)
     else:
         h = s.to(DT)
@@ -83,7 +84,13 @@ def inv_rms(ssq, H, eps):
 @triton.jit
 def load_gamma(gamma_ptr, cols, cm, weight_bias):
     """gamma + weight_bias for a chunk of columns, fp32 (the same for every row)."""
-    return tl.load(gamma_ptr + cols, mask=cm, other=0).to(tl.float32) + weight_bias
+    return gamma_weight(tl.load(gamma_ptr + cols, mask=cm, other=0), weight_bias)
+
+
+@triton.jit
+def gamma_weight(gamma, weight_bias):
+    """gamma (as loaded) + weight_bias, fp32."""
+    return gamma.to(tl.float32) + weight_bias
 
 
 @triton.jit
@@ -251,16 +258,17 @@ def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, sig, rank, deadli
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK)
         cm = cols < H
-        gw = tl.zeros([BLOCK], tl.float32)
-        if NORM:
-            gw = load_gamma(gamma_ptr, cols, cm, weight_bias)  # once for all rows
+        gamma = tl.zeros([BLOCK], gamma_ptr.dtype.element_ty)
+        if NORM:  # once for all rows, in its own dtype: half the registers during a poll
+            gamma = tl.load(gamma_ptr + cols, mask=cm, other=0)
         for row in range(pid, T, tl.num_programs(0)):
             h = PRODUCE(rot_ptr, stride, row, cols, cm, H, row == pid, sig, rank, deadline,
                         state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM,
                         WRITE_OUTPUT, WORLD)
             if NORM:
-                finish_row(h, row, cols, cm, H, gw, norm_out_ptr, quant_ptr, scale_out_ptr,
-                           eps, scale_factor, WRITE_NORM, QUANT, LAYOUT, BLOCK)
+                finish_row(h, row, cols, cm, H, gamma_weight(gamma, weight_bias), norm_out_ptr,
+                           quant_ptr, scale_out_ptr, eps, scale_factor, WRITE_NORM, QUANT,
+                           LAYOUT, BLOCK)
     else:
         for row in range(pid, T, tl.num_programs(0)):
             for c in tl.static_range(NUM_CHUNKS):

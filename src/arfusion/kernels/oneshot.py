@@ -37,6 +37,7 @@ from .protocol import (
     call_begin,
     call_end,
     clear_stale,
+    lane_deltas,
     peer_deltas,
     publish_signature,
     sanitize,
@@ -76,11 +77,12 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
     # The first piece and the peer offsets load with the state: one round trip for all.
     first_bits = tl.load(x_bits_ptr + first, mask=first < n)
     ds = peer_deltas(deltas_ptr, WORLD)
+    lane_ds = lane_deltas(deltas_ptr, WORLD)
     epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
     if aborted == 0:
         rot_off = (epoch % 3) * buf_stride
         sig = (T, H, epoch, tl.full([], SIG_MISC, tl.int64))  # protocol.signature_words
-        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)
+        publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD)
         mine = rot_off + WORLD * HDR_SLOT + rank * slot_stride
         store_to_peers(sanitize(first_bits, CANON), mine + first, first < n, buf_ptr, ds,
                        WORLD)

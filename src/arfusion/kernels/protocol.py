@@ -22,13 +22,13 @@ Signature. In call k, program 0 of rank r first writes the call's signature
 header slot r of rotation k % 3 of every rank (before the data: written after
 its share, it held every reader back until program 0 had pushed all of it):
 five 16-bit fields of 15 bits (so a written field never has the sentinel's top
-bit) in two 64-bit words, one 16-byte store per rank; slot q starts at byte
-32 q whatever the element width.
-Every program's first poll loads all N slots' words together with its data (two
-lanes per rank: their reduction stays within a warp up to 16 ranks) and uses no
-value before every slot has arrived equal to its own signature; the fields of a
-word may land apart, so a word counts as arrived once none of its fields has the
-top bit.
+bit) in two 64-bit words, written to every rank by one store (two lanes per
+rank); slot q starts at byte 32 q whatever the element width.
+Every program's first poll loads all N slots' words together with its data (before
+it, so that their reduction, within a warp up to 16 ranks, overlaps the data's
+loads) and uses no value before every slot has arrived equal to its own
+signature; the fields of a word may land apart, so a word counts as arrived once
+none of its fields has the top bit.
 A launch with SIG_MISC = NO_SIGNATURE neither writes nor reads the header (the
 bench's timing-only variant, which measures what the signature costs).
 A slot that arrives different stops the program at once: the signatures it saw
@@ -36,14 +36,15 @@ go to the host-visible error array and the workspace is aborted, so no rank
 computes with a mismatched peer (the header sits at the same place whatever the
 call's shape, so it is read correctly even when the data is not).
 
-Polls. A poll loads every element it waits for, all slots together (one round
-trip per spin), and counts the sentinels left in one block reduction per spin;
-data that has already arrived costs one pass. The header's state (each warp
-loads it for itself) travels in the same reduction as thread 0 saw it, and
-whether to give up (deadline, abort flag) is read after a spin and travels in
-the next spin's reduction, so every warp leaves at the same pass (warps that
-left at different passes would pair the wrong barriers); a poll that gives up
-with everything arrived (the deadline passed in the last spin) reports nothing.
+Polls. A poll loads every element it waits for, all slots together (one round trip
+per spin), and counts in one block reduction per spin the elements where a slot
+still holds the sentinel (the slots' unsigned maximum is all ones there: two 16-bit
+lanes per instruction); data that has already arrived costs one pass. The header's
+state (each warp loads it for itself) travels in the same reduction as thread 0 saw
+it, and whether to give up (deadline, abort flag) is read after a spin and travels
+in the next spin's reduction, so every warp leaves at the same pass (warps that left
+at different passes would pair the wrong barriers); a poll that gives up with
+everything arrived (the deadline passed in the last spin) reports nothing.
 
 Rotation. During call k every rank clears (sets to the sentinel) the part of
 its own rotation `(k - 1) % 3` that call k-1 used, header included. That is
@@ -77,7 +78,7 @@ import triton.language as tl
 
 from ..signature import SIG_LEN
 from ..sizing import HEADER_SLOT
-from .ptx import globaltimer, load_volatile
+from .ptx import globaltimer, load_volatile, max_bits
 
 STATE_EPOCH = tl.constexpr(0)
 STATE_DONE = tl.constexpr(1)
@@ -136,15 +137,23 @@ def header_words(buf_ptr):
 
 
 @triton.jit
-def publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD: tl.constexpr):
+def lane_deltas(deltas_ptr, WORLD: tl.constexpr):
+    """peer_deltas for every header lane (rank l // SIG_WORDS's for lane l): loaded with
+    the call's first loads, so that the header's one store does not wait for them."""
+    lanes = tl.arange(0, triton.next_power_of_2(WORLD) * SIG_WORDS)
+    return tl.load(deltas_ptr + lanes // SIG_WORDS, mask=lanes < WORLD * SIG_WORDS, other=0)
+
+
+@triton.jit
+def publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD: tl.constexpr):
     """Program 0: this rank's signature words into its header slot of every rank's
-    rotation (one 16-byte store per rank). Nothing with NO_SIGNATURE."""
+    rotation, all ranks in one store (`lane_ds`: lane_deltas; lane l writes word
+    l % SIG_WORDS to rank l // SIG_WORDS). Nothing with NO_SIGNATURE."""
     if (tl.program_id(0) == 0) & (sig[3] != NO_SIGNATURE):
         words = signature_words(sig, WORLD)
         lanes = tl.arange(0, words.shape[0])
-        for p in tl.static_range(WORLD):
-            tl.store(header_words(buf_ptr + ds[p] + rot_off) + rank * SLOT_WORDS + lanes,
-                     words, mask=lanes < SIG_WORDS)
+        tl.store(header_words(buf_ptr + rot_off + lane_ds) + rank * SLOT_WORDS
+                 + lanes % SIG_WORDS, words, mask=lanes < WORLD * SIG_WORDS)
 
 
 @triton.jit
@@ -229,15 +238,15 @@ def poll_status(unwritten, h_unwritten, differ, stop):
 
 @triton.jit
 def load_slots(data_ptr, offs, mask, slot_stride, WORLD: tl.constexpr, DT: tl.constexpr):
-    """One pass over slots 0..N-1: their fp32 sum in rank order from +0.0, and how
-    many of their elements are still the sentinel (per lane)."""
+    """One pass over slots 0..N-1: their fp32 sum in rank order from +0.0, and per lane
+    whether one of them still holds the sentinel (1 or 0)."""
     s = tl.zeros(offs.shape, tl.float32)
-    unwritten = tl.zeros(offs.shape, tl.int32)
+    top = tl.zeros(offs.shape, data_ptr.dtype.element_ty)
     for q in tl.static_range(WORLD):
         v = load_volatile(data_ptr + q * slot_stride + offs, mask)
-        unwritten += (v == -1).to(tl.int32)
+        top = max_bits(top, v)
         s += v.to(DT, bitcast=True).to(tl.float32)
-    return s, unwritten
+    return s, (top == -1).to(tl.int32)
 
 
 @triton.jit
@@ -247,13 +256,13 @@ def sum_slots(rot_ptr, offs, mask, slot_stride, sig, check, rank, deadline, stat
     offs`) in rank order from +0.0, once every element has arrived; while `check`, the
     header too (see Signature). Masked lanes sum to 0."""
     data = rot_ptr + WORLD * HDR_SLOT
-    s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
     h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+    s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
     pending, stop, differ = poll_status(unwritten, h_unwritten, differ, 0)
     late = 0
     while (pending > 0) & (differ == 0) & (stop == 0):
-        s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
         h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+        s, unwritten = load_slots(data, offs, mask, slot_stride, WORLD, DT)
         pending, stop, differ = poll_status(unwritten, h_unwritten, differ, late)
         late = stop_requested(deadline, state_ptr)  # acted on at the next pass
     if (pending > 0) | (differ > 0):
@@ -271,13 +280,13 @@ def wait_filled(rot_ptr, offs, mask, owner, sig, check, rank, deadline, state_pt
     sentinel; while `check`, the header too. `owner`: the rank (per lane) that writes
     each element, reported if it never does. Masked-off lanes read 0."""
     ptr = rot_ptr + WORLD * HDR_SLOT + offs
-    v = load_volatile(ptr, mask)
     h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+    v = load_volatile(ptr, mask)
     pending, stop, differ = poll_status((v == -1).to(tl.int32), h_unwritten, differ, 0)
     late = 0
     while (pending > 0) & (differ == 0) & (stop == 0):
-        v = load_volatile(ptr, mask)
         h_unwritten, differ = header_status(rot_ptr, sig, check, WORLD)
+        v = load_volatile(ptr, mask)
         pending, stop, differ = poll_status((v == -1).to(tl.int32), h_unwritten, differ, late)
         late = stop_requested(deadline, state_ptr)  # acted on at the next pass
     if (pending > 0) | (differ > 0):

@@ -46,6 +46,7 @@ from .protocol import (
     call_begin,
     call_end,
     clear_stale,
+    lane_deltas,
     peer_deltas,
     publish_signature,
     sanitize,
@@ -90,6 +91,7 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
                    WORLD: tl.constexpr, SIG_MISC: tl.constexpr):
     wait_for_previous_grid(USE_PDL)
     ds = peer_deltas(deltas_ptr, WORLD)
+    lane_ds = lane_deltas(deltas_ptr, WORLD)
     epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
     if aborted == 0:
         DT = out_ptr.dtype.element_ty
@@ -100,7 +102,7 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
         data_off = rot_off + WORLD * HDR_SLOT
         n = T * H
         sig = (T, H, epoch, tl.full([], SIG_MISC, tl.int64))  # protocol.signature_words
-        publish_signature(sig, rot_off, rank, buf_ptr, ds, WORLD)
+        publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD)
         # 1. Scatter this rank's piece of every owner's chunk.
         for p in tl.static_range(WORLD):
             lo = p * chunk
@@ -120,13 +122,13 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
             offs = start + tl.arange(0, PUSH_BLOCK)
             m = offs < length
             e = lo + offs
-            r = tl.zeros([PUSH_BLOCK], tl.float32)
-            if NORM:  # loaded before the poll: its latency overlaps the wait
-                r = tl.load(residual_in_ptr + e, mask=m, other=0).to(tl.float32)
+            r = tl.zeros([PUSH_BLOCK], residual_in_ptr.dtype.element_ty)
+            if NORM:  # loaded before the poll (its latency overlaps the wait), widened after
+                r = tl.load(residual_in_ptr + e, mask=m, other=0)
             s = sum_slots(buf_ptr + rot_off, offs, m, chunk, sig, start == pid * PUSH_BLOCK,
                           rank, deadline, state_ptr, err_addr, WORLD, DT)
             if NORM:
-                h = (s + r).to(DT)
+                h = (s + r.to(tl.float32)).to(DT)
                 if WRITE_OUTPUT:
                     store_to_peers(sanitize(s.to(DT).to(IT, bitcast=True), CANON),
                                    data_off + 2 * WORLD * chunk + e, m, buf_ptr, ds, WORLD)
