@@ -28,7 +28,7 @@ def _publish(buf_ptr, deltas_ptr, rank, T, H, epoch_ptr, WORLD: tl.constexpr,
 @triton.jit
 def _status(buf_ptr, out_ptr, T, H, epoch_ptr, WORLD: tl.constexpr, SIG_MISC: tl.constexpr):
     sig = (T, H, tl.load(epoch_ptr), tl.full([], SIG_MISC, tl.int64))
-    unwritten, differ = P.header_status(buf_ptr, sig, 1, WORLD)
+    unwritten, differ = P.header_status(buf_ptr, sig, WORLD)
     tl.store(out_ptr, unwritten)
     tl.store(out_ptr + 1, differ)
 

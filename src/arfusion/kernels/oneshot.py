@@ -5,10 +5,11 @@ rotations and why clearing is race-free). b = k % 3, E = T*H, S = E rounded up
 to 16 (`slot_stride`); rotation b of every buffer holds the header (N slots of
 16 elements), then N data slots of S elements, slot q for rank q's input.
 
-1. Push: program 0 writes this call's signature into header slot r of rotation
-   b of every rank; the programs split the input into PUSH_BLOCK pieces, each
-   stored, sanitised, into data slot r of rotation b of every rank's buffer
-   (`buf + delta[p] + b*buf_stride + N*16 + r*S + e`), this rank's own included.
+1. Push: the programs split the input into PUSH_BLOCK pieces, each stored,
+   sanitised, into data slot r of rotation b of every rank's buffer
+   (`buf + delta[p] + b*buf_stride + N*16 + r*S + e`), this rank's own included;
+   program 0 writes this call's signature into header slot r of rotation b of
+   every rank right after its first piece.
 2. Clear: the part of rotation (k-1)%3 of this rank's buffer that call k-1 used
    is reset to the sentinel.
 3. Reduce: program i takes rows i, i+P, ...; for each row chunk it loads the
@@ -82,10 +83,10 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
     if aborted == 0:
         rot_off = (epoch % 3) * buf_stride
         sig = (T, H, epoch, tl.full([], SIG_MISC, tl.int64))  # protocol.signature_words
-        publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD)
         mine = rot_off + WORLD * HDR_SLOT + rank * slot_stride
         store_to_peers(sanitize(first_bits, CANON), mine + first, first < n, buf_ptr, ds,
                        WORLD)
+        publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD)
         for start in range(tl.program_id(0) * PUSH_BLOCK + step, n, step):
             offs = start + tl.arange(0, PUSH_BLOCK)
             m = offs < n

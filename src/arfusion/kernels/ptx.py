@@ -9,6 +9,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+try:  # Triton 3.5+
+    from triton.language.target_info import cuda_capability_geq
+except ImportError:  # Triton 3.4: the same question, asked of the active driver
+    @tl.constexpr_function
+    def cuda_capability_geq(major: int, minor: int = 0) -> bool:
+        target = triton.runtime.driver.active.get_current_target()
+        return target.backend == "cuda" and target.arch >= major * 10 + minor
+
 
 @triton.jit
 def globaltimer():
@@ -25,13 +33,17 @@ def globaltimer():
 @triton.jit
 def max_bits(a, b):
     """Lane-wise unsigned maximum of two bit patterns (16 or 32 bits): all-ones (the
-    sentinel) iff one of them is. Sixteen-bit lanes go two to a `max.u16x2` (sm_90):
-    one instruction where comparing each lane took four."""
-    if a.dtype.primitive_bitwidth == 16:
-        return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                         dtype=a.dtype, is_pure=True, pack=2)
-    return tl.inline_asm_elementwise("max.u32 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=a.dtype, is_pure=True, pack=1)
+    sentinel) iff one of them is. Sixteen-bit lanes go two to a `max.u16x2` from sm_90
+    on: one instruction where comparing each lane took four."""
+    if a.dtype.primitive_bitwidth == 32:
+        m = tl.inline_asm_elementwise("max.u32 $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype,
+                                      is_pure=True, pack=1)
+    elif cuda_capability_geq(9):
+        m = tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                      dtype=a.dtype, is_pure=True, pack=2)
+    else:
+        m = tl.maximum(a.to(tl.uint16, bitcast=True), b.to(tl.uint16, bitcast=True))
+    return m.to(a.dtype, bitcast=True)
 
 
 @triton.jit
