@@ -89,7 +89,8 @@ def test_tune_writes_the_largest_size_where_oneshot_still_wins(tmp_path):
     table = bench.tune(rows, 4, HEADER, path)
     assert table[4] == 8 * 4096 * 2
     text = path.read_text()
-    assert f"    4: {8 * 4096 * 2},\n" in text
+    assert "    4: 64 << 10,\n" in text  # 8 x 4096 x 2 bytes
+    assert "    1: 1 << 62,\n" in text
     assert "Tuned by `python -m arfusion bench --tune`" in text
     namespace: dict = {}
     exec(compile(text, str(path), "exec"), namespace)

@@ -150,10 +150,12 @@ def _process_main(rank, world_size, init_file, backend, fn, args, results) -> No
     import torch.distributed as dist
 
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = None
+        if backend == "nccl":  # bound at creation: collectives need not guess the device
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, device_id=device)
         try:
             results.put((rank, True, fn(rank, world_size, *args)))
         finally:

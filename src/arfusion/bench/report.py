@@ -38,7 +38,7 @@ def header(world: int) -> dict:
     import triton
 
     props = torch.cuda.get_device_properties(0)
-    driver = os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader")
+    driver = os.popen("nvidia-smi -i 0 --query-gpu=driver_version --format=csv,noheader")
     return dict(card=props.name, sms=props.multi_processor_count, driver=driver.read().strip(),
                 torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat(), world_size=world,
@@ -137,6 +137,16 @@ def plot(rows: list[dict], path: Path) -> None:
 TUNE_MARGIN = 1.10  # one-shot is "clearly slower" once it takes 10% longer than two-shot
 
 
+def size_literal(n: int) -> str:
+    """`n` bytes as heuristics.py writes them: 32 << 20, 512 << 10, 1 << 62."""
+    for shift in (20, 10):
+        if n % (1 << shift) == 0 and 0 < n >> shift < 1 << 20:
+            return f"{n >> shift} << {shift}"
+    if n > 0 and n & (n - 1) == 0:
+        return f"1 << {n.bit_length() - 1}"
+    return str(n)
+
+
 def tune(rows: list[dict], world: int, header: dict, path: Path) -> dict[int, int]:
     """Re-derive the one-shot threshold for `world` from measured rows and write it into
     heuristics.py (`path`).
@@ -170,9 +180,9 @@ def tune(rows: list[dict], world: int, header: dict, path: Path) -> dict[int, in
     table[world] = min(limits)
     mode = next(r["mode"] for r in rows if r["world_size"] == world)
     note = (f"# Tuned by `python -m arfusion bench --tune` on {header['card']}, "
-            f"{header['date']}: world size {world} from {mode} measurements.\n")
-    src = re.sub(r"# Tuned by .*\n", "", path.read_text())
-    body = "".join(f"    {w}: {v},\n" for w, v in sorted(table.items()))
+            f"{header['date']}:\n# world size {world} from {mode} measurements.\n")
+    src = re.sub(r"# Tuned by .*\n(?:# world size .*\n)?", "", path.read_text())
+    body = "".join(f"    {w}: {size_literal(v)},\n" for w, v in sorted(table.items()))
     src = re.sub(r"ONESHOT_MAX_BYTES: dict\[int, int\] = \{\n(?:    .*\n)*?\}",
                  lambda _: note + "ONESHOT_MAX_BYTES: dict[int, int] = {\n" + body + "}", src)
     path.write_text(src)
