@@ -31,14 +31,14 @@ from arfusion.kernels.twoshot import twoshot_kernel  # noqa: E402
 from arfusion.patterns import PATTERNS, Quant  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-# Kernels ask which arch they compile for (kernels/ptx.py: cuda_capability_geq), which
-# Triton asks of the active driver; a machine without a GPU has none: answer for TARGET.
 
 
 def compile_target() -> GPUTarget:
     return TARGET
 
 
+# Kernels ask which arch they compile for (kernels/ptx.py: cuda_capability_geq), which
+# Triton asks of the active driver; a machine without a GPU has none: answer for TARGET.
 compile_target.__triton_builtin__ = True  # as Triton marks the one it replaces
 target_info.current_target = compile_target
 DT = {"bf16": ("bf16", "i16", 2), "fp16": ("fp16", "i16", 2), "fp32": ("fp32", "i32", 4)}

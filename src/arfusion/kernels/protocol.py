@@ -20,12 +20,13 @@ bit-exact.
 Signature. In call k, program 0 of rank r writes the call's signature
 (`arfusion.signature`: tokens, hidden size, dtype, pattern, strategy, k) into
 header slot r of rotation k % 3 of every rank: one-shot right after its first
-data piece (written before it, the signature cost 0.49 us at N = 8 x 4096, 1
-token, emulated on an H100, after it 0.23; written after its whole share, it held
-every reader back until program 0 had pushed all of it), two-shot before its
-scatter. Five 16-bit fields of 15 bits (so a written field never has the
-sentinel's top bit) in two 64-bit words, written to every rank by one store (two
-lanes per rank); slot q starts at byte 32 q whatever the element width.
+data piece (in one same-process A/B, emulated on an H100, written before it the
+signature cost 0.49 us at N = 8 x 4096, 1 token, after it 0.23, though such figures
+move by 0.25 us between runs; written after its whole share, it held every reader
+back until program 0 had pushed all of it), two-shot before its scatter. Five
+16-bit fields of 15 bits (so a written field never has the sentinel's top bit) in
+two 64-bit words, written to every rank by one store (two lanes per rank); slot q
+starts at byte 32 q whatever the element width.
 A program's first poll (`check`, uniform in the program) loads all N slots' words
 after its data in every spin (two lanes per rank: their reduction stays within a
 warp up to 16 ranks) and uses no value before every slot has arrived equal to its
