@@ -4,6 +4,7 @@ import gc
 import inspect
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -270,3 +271,26 @@ def test_precompile_examples_are_valid_calls_of_every_variant(monkeypatch):
         narrow = example_calls(ws, patterns=[0, 3], launch_with_pdl=(True,),
                                dtypes=[torch.float16, torch.bfloat16])
         assert len(narrow) == 2 * (2 + 2 * 2)  # dtypes x (kAllReduce, NVFP4 x 2 scales) x 2
+
+
+def test_without_signature_keeps_its_plans_apart_restores_them_and_nests():
+    """The host side of SymmetricWorkspace.without_signature (no GPU: the method on a
+    stand-in with the attributes it touches): unsigned plans are a cache of their own,
+    the signed ones come back after the block (on an error too), a nested block changes
+    nothing."""
+    from arfusion.backends.symmetric import SymmetricWorkspace
+
+    ws = types.SimpleNamespace(_launch=types.SimpleNamespace(signed=True), plans={"a": 1},
+                               _unsigned_plans={})
+    unsigned = SymmetricWorkspace.without_signature
+    with unsigned(ws):
+        assert ws._launch.signed is False and ws.plans == {}
+        ws.plans["b"] = 2
+        with unsigned(ws):
+            assert ws._launch.signed is False and ws.plans == {"b": 2}
+        assert ws._launch.signed is False and ws.plans == {"b": 2}
+    assert ws._launch.signed is True and ws.plans == {"a": 1}
+    with pytest.raises(KeyError), unsigned(ws):
+        assert ws.plans == {"b": 2}
+        raise KeyError
+    assert ws._launch.signed is True and ws.plans == {"a": 1}

@@ -9,6 +9,7 @@ rank must get the same bits.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
@@ -325,6 +326,42 @@ def test_mismatched_calls_are_named_on_every_rank_at_once(backend, change, onesh
         assert f"rank {rank}: ranks issued mismatched" in message, message
         assert MISMATCHES[change][1] in message, message
         assert failed == [1 - rank]
+
+
+def _with_and_without_signature_rank(ctx):
+    """Calls with the signature and without it (timing only, one block or two nested)
+    taking turns on one workspace, both strategies, as the bench's signature rows make
+    them; then a mismatched signed call, which must still be named."""
+    cases = [(Case(P.kARResidualRMSNorm, t, 512, torch.bfloat16, seed=t),
+              dict(use_oneshot=o)) for t in (1, 5) for o in (True, False)]
+    with make_workspace(ctx, torch.bfloat16, 8, 512) as ws:
+        ws.timeout_s = 20.0
+        precompile_cases(ws, cases, ctx.rank, CUDA, ctx.comm)
+        with ws.without_signature():
+            precompile_cases(ws, cases, ctx.rank, CUDA, ctx.comm)
+        ok = []
+        for turn in ("with", "without", "with", "nested"):
+            for case, kw in cases:
+                with contextlib.ExitStack() as stack:
+                    for _ in range({"with": 0, "without": 1, "nested": 2}[turn]):
+                        stack.enter_context(ws.without_signature())
+                    ok.append(run_case(ws, case, ctx.rank, ctx.world_size, CUDA,
+                                       comm=ctx.comm, **kw).check.ok)
+        ws.check()
+        case = cases[0 if ctx.rank == 0 else 2][0]  # 1 token on rank 0, 5 on the others
+        ctx.comm.barrier()
+        allreduce_fusion(case.input(ctx.rank, CUDA), ws, case.pattern,
+                         **case_outputs(case, CUDA), **case_kwargs(case, CUDA),
+                         use_oneshot=True)
+        torch.cuda.current_stream().synchronize()
+        with pytest.raises(RuntimeError, match="mismatched"):
+            ws.check()
+        return ok
+
+
+def test_calls_with_and_without_signature_take_turns_on_one_workspace():
+    for ok in run_ranks(3, _with_and_without_signature_rank, device=CUDA):
+        assert ok == [True] * 16
 
 
 def _precompiled_rank(ctx, backend):

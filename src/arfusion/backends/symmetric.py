@@ -89,6 +89,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
                    for d in (torch.uint8, torch.float32)},
         )
         self._launch = launch.Launcher(self._res, self.picks_oneshot)
+        self._unsigned_plans: dict = {}  # without_signature's plans, kept apart
         self.footprint_bytes = nbytes
         torch.cuda.synchronize(device)
         buf.comm.barrier()  # no peer writes into a buffer that is not yet initialised
@@ -146,12 +147,23 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         finally:
             self._launch.compile_only = False
 
-    def without_signature(self) -> None:
-        """Timing only (the bench's signature cost): later calls neither write nor check
-        the call signature, so ranks' mismatched calls go undetected. Every rank must
-        switch before the same call."""
+    @contextlib.contextmanager
+    def without_signature(self) -> Iterator[None]:
+        """Timing only (the bench's signature cost): calls within this block neither
+        write nor check the call signature, so ranks' mismatched calls go undetected;
+        every rank must make the same calls in it. Their plans (unsigned launches) are
+        kept apart from the signed ones, so both kinds of call can take turns on one
+        workspace: an A/B on the same buffers, which differs in nothing else."""
+        if not self._launch.signed:  # nested: the outer block restores
+            yield
+            return
         self._launch.signed = False
-        self.plans.clear()  # their compiled launches were signed
+        self.plans, self._unsigned_plans = self._unsigned_plans, self.plans
+        try:
+            yield
+        finally:
+            self._launch.signed = True
+            self.plans, self._unsigned_plans = self._unsigned_plans, self.plans
 
     @property
     def comm(self) -> CommBackend:

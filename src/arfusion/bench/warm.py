@@ -74,8 +74,8 @@ def _ranks(dtype, world: int, backend: str, pattern: int, h: int) -> None:
         cases = [(_case(pattern, 1, h, dtype), dict(with_output=False, use_oneshot=o))
                  for o in (True, False)]
         testing.precompile_cases(wss[0], cases, 0, "cuda")
-        wss[0].without_signature()
-        testing.precompile_cases(wss[0], cases, 0, "cuda")
+        with wss[0].without_signature():
+            testing.precompile_cases(wss[0], cases, 0, "cuda")
     finally:
         testing.run_ranks(world, lambda ctx: wss[ctx.rank].destroy(), device="cuda:0")
 
