@@ -210,15 +210,13 @@ def _signature_rows(args, dtype, backend: str) -> list[dict]:
     for case in cases:
         oneshot = wss[0].picks_oneshot(case.hidden_dim)
         ranks = [_Calls(case, r, args.calls) for r in range(n)]
+        kinds = (_Calls.one, _unsigned)  # with the signature, without it
         for r in range(n):
-            with wss[r].compile_only():
-                ranks[r].one(wss[r], 0, oneshot)
-            with wss[r].without_signature(), wss[r].compile_only():
-                ranks[r].one(wss[r], 0, oneshot)
-        variants = [[[lambda c=ranks[r], ws=wss[r], i=i, o=oneshot: c.one(ws, i, o)
-                      for i in range(args.calls)] for r in range(n)],
-                    [[lambda c=ranks[r], ws=wss[r], i=i, o=oneshot: _unsigned(c, ws, i, o)
-                      for i in range(args.calls)] for r in range(n)]]
+            for call in kinds:
+                with wss[r].compile_only():
+                    call(ranks[r], wss[r], 0, oneshot)
+        variants = [[[lambda f=call, c=ranks[r], ws=wss[r], i=i, o=oneshot: f(c, ws, i, o)
+                      for i in range(args.calls)] for r in range(n)] for call in kinds]
         checks = [lambda: [ws.check() for ws in wss]] * 2
         try:
             signed, unsigned = time_ranks_graphs(variants, args.replays, checks,

@@ -20,10 +20,10 @@ bit-exact.
 Signature. In call k, program 0 of rank r writes the call's signature
 (`arfusion.signature`: tokens, hidden size, dtype, pattern, strategy, k) into
 header slot r of rotation k % 3 of every rank: one-shot right after its first
-data piece (in one same-process A/B, emulated on an H100, written before it the
-signature cost 0.49 us at N = 8 x 4096, 1 token, after it 0.23, though such figures
-move by 0.25 us between runs; written after its whole share, it held every reader
-back until program 0 had pushed all of it), two-shot before its scatter. Five
+data piece (written before it, the bench's signature rows measured +0.28 to +0.30 us
+at N = 2 x 4096, 1 token, against +0.14 to +0.18, emulated on an H100, docs run L;
+written after its whole share, it held every reader back until program 0 had pushed
+all of it), two-shot before its scatter. Five
 16-bit fields of 15 bits (so a written field never has the sentinel's top bit) in
 two 64-bit words, written to every rank by one store (two lanes per rank); slot q
 starts at byte 32 q whatever the element width.
