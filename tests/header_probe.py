@@ -20,9 +20,13 @@ T, H, MISC, EPOCH = 4, 256, 17, 5
 
 @triton.jit
 def _publish(buf_ptr, deltas_ptr, rank, T, H, epoch_ptr, WORLD: tl.constexpr,
-             SIG_MISC: tl.constexpr):
+             SIG_MISC: tl.constexpr, PICK: tl.constexpr = False):
     sig = (T, H, tl.load(epoch_ptr), tl.full([], SIG_MISC, tl.int64))
-    P.publish_signature(sig, 0, rank, buf_ptr, P.lane_deltas(deltas_ptr, WORLD), WORLD)
+    if PICK:  # one-shot's lane offsets
+        lane_ds = P.lane_picks(P.peer_deltas(deltas_ptr, WORLD), WORLD)
+    else:  # two-shot's
+        lane_ds = P.lane_deltas(deltas_ptr, WORLD)
+    P.publish_signature(sig, 0, rank, buf_ptr, lane_ds, WORLD)
 
 
 @triton.jit
@@ -45,6 +49,18 @@ def header(n: int, dtype: torch.dtype, writers, tokens: dict | None = None,
     return buf
 
 
+def spread(n: int, pick: bool) -> list:
+    """Every rank publishing into n header regions of one allocation (rank p's buffer at
+    region p, reached through its peer offsets as in a kernel); each region's header."""
+    size = n * HEADER_SLOT
+    buf = torch.full((n * size,), -1, dtype=torch.int16)
+    for r in range(n):
+        deltas = torch.tensor([(p - r) * size for p in range(n)], dtype=torch.int64)
+        _publish[(1,)](buf[r * size:], deltas, r, T, H, torch.tensor([EPOCH]), WORLD=n,
+                       SIG_MISC=MISC, PICK=pick)
+    return [buf[q * size:(q + 1) * size] for q in range(n)]
+
+
 def status(buf: torch.Tensor, n: int, misc: int = MISC) -> list[int]:
     out = torch.zeros(2, dtype=torch.int32)
     _status[(1,)](buf, out, T, H, torch.tensor([EPOCH]), WORLD=n, SIG_MISC=misc)
@@ -60,6 +76,10 @@ def main() -> None:
                          other_tokens=header(n, dtype, range(n), {n - 1: T + 1}))
             for case, buf in cases.items():
                 print(json.dumps([name, case, status(buf, n)]))
+    for n in (2, 3, 8):  # both ways to the peers' headers: each region complete, the same
+        picked, loaded = spread(n, True), spread(n, False)
+        print(json.dumps([f"{n}-int16", "spread", [[status(h, n) for h in picked],
+                          all(torch.equal(a, b) for a, b in zip(picked, loaded, strict=True))]]))
     fields = header(2, torch.int16, [1]).view(torch.int16)[16:24].tolist()
     print(json.dumps(["2-int16", "fields", fields]))
     for f in range(SIG_LEN):  # one field of a written word not landed yet

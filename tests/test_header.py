@@ -38,6 +38,13 @@ def test_header_counts_unwritten_and_differing_words(seen, n, width):
     assert seen[name, "other_tokens"] == [0, 1]  # only word 0 (num_tokens) of one rank
 
 
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_header_reaches_every_peer_through_its_offset_picked_or_loaded(seen, n):
+    statuses, same = seen[f"{n}-int16", "spread"]
+    assert statuses == [[0, 0]] * n  # every rank's header: all n signatures, none differs
+    assert same  # one-shot's picked lane offsets write what two-shot's loaded ones do
+
+
 def test_header_fields_are_the_signature_and_a_torn_word_is_unwritten(seen):
     # rank 1's slot as 16-bit fields: T, T >> 15, H, SIG_MISC, the call counter, sentinels
     assert seen["2-int16", "fields"] == [4, 0, 256, 17, 5, -1, -1, -1]

@@ -38,7 +38,7 @@ from .protocol import (
     call_begin,
     call_end,
     clear_stale,
-    lane_deltas,
+    lane_picks,
     peer_deltas,
     publish_signature,
     sanitize,
@@ -78,15 +78,14 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
     # The first piece and the peer offsets load with the state: one round trip for all.
     first_bits = tl.load(x_bits_ptr + first, mask=first < n)
     ds = peer_deltas(deltas_ptr, WORLD)
-    lane_ds = lane_deltas(deltas_ptr, WORLD)
-    epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
-    if aborted == 0:
+    epoch, go, stale, deadline = call_begin(state_ptr, timeout_us, ds, rank, WORLD)
+    if go:
         rot_off = (epoch % 3) * buf_stride
         sig = (T, H, epoch, tl.full([], SIG_MISC, tl.int64))  # protocol.signature_words
         mine = rot_off + WORLD * HDR_SLOT + rank * slot_stride
         store_to_peers(sanitize(first_bits, CANON), mine + first, first < n, buf_ptr, ds,
                        WORLD)
-        publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD)
+        publish_signature(sig, rot_off, rank, buf_ptr, lane_picks(ds, WORLD), WORLD)
         for start in range(tl.program_id(0) * PUSH_BLOCK + step, n, step):
             offs = start + tl.arange(0, PUSH_BLOCK)
             m = offs < n

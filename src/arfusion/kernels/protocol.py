@@ -132,7 +132,7 @@ def signature_words(sig, WORLD: tl.constexpr):
     w0 = (t & SIG_MASK) | (((t >> 15) & SIG_MASK) << 16) | ((h & SIG_MASK) << 32) \
         | sig[3] << 48
     w1 = (sig[2].to(tl.int64) & SIG_MASK) - 65536  # e4, then all-ones fields
-    w = tl.arange(0, triton.next_power_of_2(WORLD) * SIG_WORDS) % SIG_WORDS
+    w = header_lanes(WORLD) % SIG_WORDS
     return tl.where(w == 0, w0, w1)
 
 
@@ -143,18 +143,36 @@ def header_words(buf_ptr):
 
 
 @triton.jit
+def header_lanes(WORLD: tl.constexpr):
+    """The header's lanes: lane l stands for word l % SIG_WORDS of rank l // SIG_WORDS."""
+    return tl.arange(0, triton.next_power_of_2(WORLD) * SIG_WORDS)
+
+
+@triton.jit
 def lane_deltas(deltas_ptr, WORLD: tl.constexpr):
-    """peer_deltas for every header lane (rank l // SIG_WORDS's for lane l): loaded with
-    the call's first loads, so that the header's one store does not wait for them."""
-    lanes = tl.arange(0, triton.next_power_of_2(WORLD) * SIG_WORDS)
+    """peer_deltas for every header lane, loaded (two-shot; ptxas issues this load only
+    once the peer offsets have arrived, but picking them (`lane_picks`) made the
+    two-shot kernel spill in its polls: 360 B at BLOCK 8192, 4 ranks)."""
+    lanes = header_lanes(WORLD)
     return tl.load(deltas_ptr + lanes // SIG_WORDS, mask=lanes < WORLD * SIG_WORDS, other=0)
+
+
+@triton.jit
+def lane_picks(ds, WORLD: tl.constexpr):
+    """peer_deltas for every header lane, picked from `ds` (peer_deltas): no load, so
+    the one-shot header goes out right after the data instead of a round trip later."""
+    lanes = header_lanes(WORLD)
+    d = tl.zeros(lanes.shape, tl.int64)
+    for p in tl.static_range(WORLD):
+        d = tl.where(lanes // SIG_WORDS == p, ds[p], d)
+    return d
 
 
 @triton.jit
 def publish_signature(sig, rot_off, rank, buf_ptr, lane_ds, WORLD: tl.constexpr):
     """Program 0: this rank's signature words into its header slot of every rank's
-    rotation, all ranks in one store (`lane_ds`: lane_deltas; lane l writes word
-    l % SIG_WORDS to rank l // SIG_WORDS). Nothing with NO_SIGNATURE."""
+    rotation, all ranks in one store (`lane_ds`: lane_picks or lane_deltas; lane l
+    writes word l % SIG_WORDS to rank l // SIG_WORDS). Nothing with NO_SIGNATURE."""
     if (tl.program_id(0) == 0) & (sig[3] != NO_SIGNATURE):
         words = signature_words(sig, WORLD)
         lanes = tl.arange(0, words.shape[0])
@@ -341,7 +359,7 @@ def wait_filled(rot_ptr, offs, mask, owner, sig, check, rank, deadline, state_pt
 @triton.jit
 def peer_deltas(deltas_ptr, WORLD: tl.constexpr):
     """The element distance to every rank's buffer, a tuple: loaded once per call, with
-    the call's first loads (not one round trip more before the first push)."""
+    the call's first loads (call_begin keeps them there)."""
     ds = ()
     for p in tl.static_range(WORLD):
         ds = ds + (tl.multiple_of(tl.load(deltas_ptr + p), 16),)
@@ -357,10 +375,18 @@ def store_to_peers(bits, offs, mask, buf_ptr, ds, WORLD: tl.constexpr):
 
 
 @triton.jit
-def call_begin(state_ptr, timeout_us):
-    """The call counter, abort flag and the previous call's footprint (16-element
-    units), read in one round trip; the wait deadline (the timeout travels in
-    microseconds, an i32 for any bound up to 35 minutes)."""
+def call_begin(state_ptr, timeout_us, ds, rank, WORLD: tl.constexpr):
+    """The call counter, whether the call goes on, the previous call's footprint
+    (16-element units), read in one round trip with the peer offsets `ds`
+    (peer_deltas); the wait deadline (the timeout travels in microseconds, an i32 for
+    any bound up to 35 minutes).
+
+    A call goes on when the workspace is not aborted and its state is sane: counter
+    and footprint not negative, this rank's own offset 0. Those always hold; the test
+    reads every first load, so ptxas issues them all before the branch (it sinks a
+    load used only past a branch below it: the counter, footprints and peer offsets
+    went out one round trip after the abort flag, and ld.volatile, which keeps loads
+    in place, made 2-GPU calls 1.2 us slower)."""
     epoch = tl.load(state_ptr + STATE_EPOCH)
     aborted = tl.load(state_ptr + STATE_ABORT)
     u0 = tl.load(state_ptr + STATE_USED)
@@ -369,7 +395,11 @@ def call_begin(state_ptr, timeout_us):
     prev = (epoch + 2) % 3
     stale = tl.where(prev == 0, u0, tl.where(prev == 1, u1, u2))
     deadline = globaltimer() + timeout_us.to(tl.int64) * 1000
-    return epoch, aborted, stale, deadline
+    own = ds[0]
+    for p in tl.static_range(1, WORLD):
+        own = tl.where(rank == p, ds[p], own)
+    go = (aborted == 0) & (epoch >= 0) & (stale >= 0) & (own == 0)
+    return epoch, go, stale, deadline
 
 
 @triton.jit

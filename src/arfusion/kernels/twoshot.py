@@ -92,8 +92,8 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
     wait_for_previous_grid(USE_PDL)
     ds = peer_deltas(deltas_ptr, WORLD)
     lane_ds = lane_deltas(deltas_ptr, WORLD)
-    epoch, aborted, stale, deadline = call_begin(state_ptr, timeout_us)
-    if aborted == 0:
+    epoch, go, stale, deadline = call_begin(state_ptr, timeout_us, ds, rank, WORLD)
+    if go:
         DT = out_ptr.dtype.element_ty
         IT = buf_ptr.dtype.element_ty
         pid = tl.program_id(0)
