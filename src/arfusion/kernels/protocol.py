@@ -158,14 +158,20 @@ def lane_deltas(deltas_ptr, WORLD: tl.constexpr):
 
 
 @triton.jit
+def pick_delta(ds, q, WORLD: tl.constexpr):
+    """`ds[q]` (ds: peer_deltas) for a rank q known only at run time, a scalar or a
+    tensor of ranks: selects, no load (ds[0] where q is no rank)."""
+    d = ds[0] + (q * 0).to(tl.int64)
+    for p in tl.static_range(1, WORLD):
+        d = tl.where(q == p, ds[p], d)
+    return d
+
+
+@triton.jit
 def lane_picks(ds, WORLD: tl.constexpr):
     """peer_deltas for every header lane, picked from `ds` (peer_deltas): no load, so
     the one-shot header goes out right after the data instead of a round trip later."""
-    lanes = header_lanes(WORLD)
-    d = tl.zeros(lanes.shape, tl.int64)
-    for p in tl.static_range(WORLD):
-        d = tl.where(lanes // SIG_WORDS == p, ds[p], d)
-    return d
+    return pick_delta(ds, header_lanes(WORLD) // SIG_WORDS, WORLD)
 
 
 @triton.jit
@@ -395,10 +401,7 @@ def call_begin(state_ptr, timeout_us, ds, rank, WORLD: tl.constexpr):
     prev = (epoch + 2) % 3
     stale = tl.where(prev == 0, u0, tl.where(prev == 1, u1, u2))
     deadline = globaltimer() + timeout_us.to(tl.int64) * 1000
-    own = ds[0]
-    for p in tl.static_range(1, WORLD):
-        own = tl.where(rank == p, ds[p], own)
-    go = (aborted == 0) & (epoch >= 0) & (stale >= 0) & (own == 0)
+    go = (aborted == 0) & (epoch >= 0) & (stale >= 0) & (pick_delta(ds, rank, WORLD) == 0)
     return epoch, go, stale, deadline
 
 
