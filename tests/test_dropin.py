@@ -224,3 +224,17 @@ def test_mpi_is_the_rendezvous_under_an_mpi_launcher(monkeypatch):
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     with pytest.raises(ValueError, match="MPI launcher"):
         memory.default_comm(2, None, None)
+
+
+def test_trtllm_workspace_metadata_has_flashinfer_keys():
+    """FlashInfer's tests read `workspace.metadata` (its keys, arfusion's sizes)."""
+    from types import SimpleNamespace
+
+    from arfusion import TRTLLMAllReduceFusionWorkspace as W
+
+    ws = SimpleNamespace(rank=1, world_size=4, max_token_num=64, hidden_dim=4096,
+                         dtype=torch.bfloat16, buf_stride=1 << 20, footprint_bytes=6 << 20)
+    meta = W.metadata.fget(ws)
+    assert meta == dict(tp_rank=1, tp_size=4, max_token_num=64, hidden_dim=4096,
+                        use_fp32_lamport=False, buffer_size=6 << 20, flag_size=0,
+                        lamport_comm_size=2 << 20, lamport_buffer_size=6 << 20)

@@ -120,6 +120,12 @@ CASES = [
     ("norm_out partly overlaps input", 1, dict(input=SHARED[:T], norm_out=SHARED[1:T + 1]),
      ValueError, "norm_out partly overlaps input"),
     ("rms_eps nan", 1, dict(rms_eps=float("nan")), ValueError, "rms_eps must be >= 0"),
+    ("weight_bias nan", 1, dict(weight_bias=float("nan")), ValueError,
+     "weight_bias must be finite"),
+    ("weight_bias inf", 2, dict(weight_bias=float("inf")), ValueError,
+     "weight_bias must be finite"),
+    ("input on meta", 1, dict(input=torch.empty(T, H, dtype=BF, device="meta")), ValueError,
+     "input must be on the CPU or a CUDA device, got meta"),
 ]
 
 
@@ -211,3 +217,16 @@ def test_call_pointers_are_the_tensors_the_pattern_touches(ws):
         got, call = ptrs(P.kARResidualRMSNorm, residual_out=odd)
         assert got["residual_out"] == odd.data_ptr()
         assert call.align == 1 << POINTER_ORDER.index("residual_out")
+
+
+def test_buffer_size_takes_flashinfer_strategy_by_position_or_keyword(ws, monkeypatch):
+    """FlashInfer's mnnvl workspace takes `strategy` where arfusion has `use_oneshot`:
+    the enum means the same strategy in either place."""
+    from arfusion.mnnvl import MNNVLAllreduceFusionStrategy as S
+
+    seen = []
+    monkeypatch.setattr(ws, "capacity", lambda use_oneshot=None: seen.append(use_oneshot) or 128)
+    for s in (S.ONESHOT, S.TWOSHOT, S.AUTO):
+        assert ws.is_buffer_size_sufficient(1, 2, 64, BF, s)
+        assert ws.is_buffer_size_sufficient(1, 2, 64, BF, strategy=s)
+    assert seen == [True, True, False, False, None, None]

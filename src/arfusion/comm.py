@@ -45,7 +45,7 @@ class TorchDistBackend:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(
+            raise RuntimeError(
                 "TorchDistBackend needs an initialised torch.distributed process group "
                 "(call torch.distributed.init_process_group first)"
             )
@@ -59,10 +59,10 @@ class TorchDistBackend:
     def Get_size(self) -> int:
         return self._dist.get_world_size(self.group)
 
-    def allgather(self, obj: Any) -> list[Any]:
+    def allgather(self, obj: Any) -> tuple[Any, ...]:
         out: list[Any] = [None] * self.Get_size()
         self._dist.all_gather_object(out, obj, group=self.group)
-        return [out[g] for g in self._order]
+        return tuple(out[g] for g in self._order)
 
     def bcast(self, obj: Any, root: int) -> Any:
         box = [obj]
@@ -105,8 +105,8 @@ class MPIBackend:
     def Get_size(self) -> int:
         return self.comm.Get_size()
 
-    def allgather(self, obj: Any) -> list[Any]:
-        return self.comm.allgather(obj)
+    def allgather(self, obj: Any) -> tuple[Any, ...]:
+        return tuple(self.comm.allgather(obj))
 
     def bcast(self, obj: Any, root: int) -> Any:
         return self.comm.bcast(obj, root=root)
@@ -173,8 +173,8 @@ class InProcessBackend:
     def Get_size(self) -> int:
         return self.group.world_size
 
-    def allgather(self, obj: Any) -> list[Any]:
-        return self.group.exchange(self.rank, obj)
+    def allgather(self, obj: Any) -> tuple[Any, ...]:
+        return tuple(self.group.exchange(self.rank, obj))
 
     def bcast(self, obj: Any, root: int) -> Any:
         return self.group.exchange(self.rank, obj)[root]

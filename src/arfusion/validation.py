@@ -298,6 +298,8 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
             f"({_fmt_dtypes(same_size)} for a {ws.dtype} workspace), got {x.dtype}"
         )
     device = ws.device if ws.device is not None else x.device
+    if device.type not in ("cpu", "cuda"):  # the torch backend serves either, nothing else
+        raise ValueError(f"input must be on the CPU or a CUDA device, got {x.device}")
     check_tensor("input", x, dtypes=None, shape=None, device=device)
     use_oneshot = a["use_oneshot"]
     if use_oneshot is not None:
@@ -501,6 +503,8 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
     if not rms_eps >= 0 and plan.traits.norm:
         raise ValueError(f"rms_eps must be >= 0, got {rms_eps}")
     weight_bias = 0.0 if weight_bias is None else float(weight_bias)
+    if not math.isfinite(weight_bias) and plan.traits.norm:
+        raise ValueError(f"weight_bias must be finite, got {weight_bias}")
     ptrs, align = (), 0
     if real:
         tensors = (*passed, scale_factor)

@@ -96,13 +96,16 @@ class AllReduceFusionWorkspace(abc.ABC):
         num_tokens: int,
         hidden_dim: int,
         dtype: torch.dtype,
-        use_oneshot: bool | None = None,
+        use_oneshot: bool | MNNVLAllreduceFusionStrategy | None = None,
         strategy: MNNVLAllreduceFusionStrategy | None = None,
     ) -> bool:
         """Whether a call of this shape fits: same world size, a dtype of the
         workspace dtype's element size, num_tokens * hidden_dim within the capacity
-        of the strategy (`use_oneshot`, or FlashInfer's `strategy` enum; None: the
+        of the strategy (`use_oneshot`, or FlashInfer's `strategy` enum, by keyword or
+        in `use_oneshot`'s place as FlashInfer's mnnvl workspace takes it; None: the
         one the heuristic picks)."""
+        if isinstance(use_oneshot, MNNVLAllreduceFusionStrategy):
+            use_oneshot, strategy = None, use_oneshot
         if strategy is not None:
             use_oneshot = MNNVLAllreduceFusionStrategy(strategy).use_oneshot
         return (

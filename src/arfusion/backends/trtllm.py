@@ -42,6 +42,17 @@ class TRTLLMAllReduceFusionWorkspace(SymmetricWorkspace):
             timeout_s=timeout_s,
         )
 
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """FlashInfer's workspace description (its tests read it): the sizes, in bytes, of
+        arfusion's own layout (one Lamport rotation is `lamport_comm_size`; no flags)."""
+        rotation = self.buf_stride * self.dtype.itemsize
+        return dict(tp_rank=self.rank, tp_size=self.world_size,
+                    max_token_num=self.max_token_num, hidden_dim=self.hidden_dim,
+                    use_fp32_lamport=self.dtype.itemsize == 4,
+                    buffer_size=self.footprint_bytes, flag_size=0,
+                    lamport_comm_size=rotation, lamport_buffer_size=3 * rotation)
+
     @classmethod
     def create(cls, req: Request) -> TRTLLMAllReduceFusionWorkspace:
         return cls(req.world_size, req.rank, req.max_token_num, req.hidden_dim, req.dtype,
