@@ -3,7 +3,8 @@
 Each scenario reproduces one client's argument conventions (written from their
 public behaviour, not copied):
 
-- vLLM's fusion pass (`call_trtllm_fused_allreduce_norm`): 3-D inputs viewed as
+- vLLM's fusion pass (`call_trtllm_fused_allreduce_norm`), the same residual and
+  gamma on every rank, as a tensor-parallel engine has them: 3-D inputs viewed as
   2-D; with a residual, norm_out=input and residual_out=residual_in (in place);
   without one, a zero residual_in, residual_out=input and a separate norm_out;
   quant patterns get norm_out too (unused), an fp8 quant_out shaped like the
@@ -11,7 +12,8 @@ public behaviour, not copied):
   use_oneshot from vLLM's H100 size table (None on mnnvl), PDL on and
   trigger_completion_at_end only for one-shot or more than 16 tokens;
 - vLLM's `FlashInferAllReduce.all_reduce`: kAllReduce into an allocated output;
-- FlashInfer's unified-API tests: every output passed for every pattern, byte
+- FlashInfer's unified-API tests: each rank its own residual and gamma, every
+  output passed for every pattern, byte
   buffers of other dtypes for quant_out/scale_out, scale_factor tensors of
   other dtypes, fp16 calls on a bf16 workspace.
 
@@ -30,7 +32,7 @@ import torch
 from arfusion import AllReduceFusionPattern as P
 from arfusion import allreduce_fusion, reference
 from arfusion.patterns import NVFP4_BLOCK, PATTERNS, Quant, sf_size
-from arfusion.testing import Case, check_outputs, digest, poison
+from arfusion.testing import Case, check_outputs, poison, shared_digest
 
 VLLM_ONESHOT_MAX_MB = {2: 32, 4: 2, 8: 0.5}  # vLLM's table for compute capability 9.0
 VLLM_PDL_ADVANCE_TOKENS = 16
@@ -95,7 +97,7 @@ def _standard(got: dict, case: Case) -> dict:
 
 def _check(label, got, ref, case, exact):
     got = _standard(got, case)
-    return label, check_outputs(got, ref, case, exact=exact), digest(got)
+    return label, check_outputs(got, ref, case, exact=exact), shared_digest(got, case)
 
 
 def _scale_tensor(value: float, dtype: torch.dtype, shape, device) -> tuple[torch.Tensor, float]:
@@ -123,9 +125,9 @@ def vllm_scenarios(ws, rank, world, device, seed, t, h, dtype, exact, meet=_dire
         scale_value = {Quant.FP8: 0.07, Quant.NVFP4: 300.0}.get(quant, 1.0)
         scale, used = _scale_tensor(scale_value, torch.float32, (1, 1), device)
         case = Case(pattern, t, h, dtype, seed=seed * 31 + i, scale_factor=used,
-                    layout_code=0, weight_bias=float(i % 2))
+                    layout_code=0, weight_bias=float(i % 2), replicated=True)
         inputs = [case.input(r, device) for r in range(world)]
-        kw = case.shared(device)
+        kw = case.own(rank, device)
         residual = kw["residual_in"].clone() if with_residual else \
             torch.zeros(t, h, dtype=dtype, device=device)
         ref = reference.reference_allreduce_fusion(
@@ -195,7 +197,7 @@ def flashinfer_test_scenarios(ws, rank, world, device, seed, t, h, dtype, exact,
         case = Case(pattern, t, h, dtype, seed=seed * 37 + i, scale_factor=used,
                     layout_code=layout)
         inputs = [case.input(r, device) for r in range(world)]
-        kw = case.shared(device)
+        kw = case.own(rank, device)  # FlashInfer's tests draw every rank's own
         ref = reference.reference_allreduce_fusion(
             inputs, pattern, residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"],
             scale_factor=used, layout_code=layout) if PATTERNS[pattern].norm else \
@@ -264,7 +266,8 @@ def _other_16bit(dtype: torch.dtype) -> torch.dtype | None:
 
 
 def assert_ranks_agree(by_rank: list[list[tuple]]) -> None:
-    """Every (label, ok, problems, digest) row passed on every rank with the same bits."""
+    """Every (label, ok, problems, digest) row passed on every rank, and every rank got
+    the bits all must share (testing.shared_digest)."""
     failures = []
     for i, (label, _, _, dig) in enumerate(by_rank[0]):
         for rank, results in enumerate(by_rank):

@@ -164,7 +164,7 @@ def test_mnnvl_sizing_per_strategy():
     # slots and two gather regions; AUTO follows the heuristic.
     assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf, S.ONESHOT) == e * 8 * 2
     assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf, S.TWOSHOT) == \
-        3 * 8 * sizing.chunk_elements(e, 8) * 2
+        2 * 8 * sizing.chunk_elements(e, 8) * 2
     assert M.get_required_buffer_size_bytes(8, 2048, 4096, bf) == \
         M.get_required_buffer_size_bytes(8, 2048, 4096, bf, S.TWOSHOT)
     assert M.get_required_buffer_size_bytes(8, 1, 4096, bf, S.AUTO) == 4096 * 8 * 2

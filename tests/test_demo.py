@@ -55,3 +55,44 @@ def test_torchrun_example_runs_as_written():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for rank in (0, 1):
         assert f"rank {rank}/2: backend torch, residual_out bit-exact: True" in proc.stdout
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arfusion", *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_user_errors_are_one_line_never_a_traceback(tmp_path):
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "text.json").write_text("not json")
+    cases = [(("bench", "--patterns", "abc"), "--patterns"),
+             (("bench", "--tokens", "x"), "--tokens"),
+             (("bench", "--backends", "nccl"), "--backends"),
+             (("bench", "--dtype", "int8"), "--dtype"),
+             (("bench", "--tune-from", str(tmp_path / "missing.json")), "--tune-from"),
+             (("bench", "--tune-from", str(tmp_path / "empty.json")), "--tune-from"),
+             (("bench", "--tune-from", str(tmp_path / "text.json")), "--tune-from"),
+             (("demo", "--patterns", "abc"), "--patterns")]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases += [(("demo", "--backend", "trtllm"), "--backend trtllm needs a CUDA GPU"),
+                  (("demo", "--backend", "mnnvl"), "--backend mnnvl needs a CUDA GPU")]
+    for argv, flag in cases:
+        proc = _cli(*argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and lines, argv
+        assert "Traceback" not in proc.stderr and flag in lines[-1], (argv, proc.stderr)
+        assert "_list" not in proc.stderr, (argv, proc.stderr)  # no internal names
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from arfusion import bench, demo
+
+    for add in (bench.add_arguments, demo.add_arguments):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        bare = [a.option_strings for a in parser._actions if a.help is None]
+        assert bare == [], bare

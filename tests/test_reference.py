@@ -55,8 +55,32 @@ def test_residual_pattern_outputs():
     out = R.reference_allreduce_fusion(xs, 1, residual_in=res, rms_gamma=gamma)
     s = xs[0].float() + xs[1].float()
     assert torch.equal(out["output"], s.half())
-    assert torch.equal(out["residual_out"], (s + res.float()).half())
+    assert torch.equal(out["residual_out"], (s.half().float() + res.float()).half())
     assert torch.equal(out["norm_out"], R.rms_norm(out["residual_out"], gamma, 1e-6))
+
+
+def test_sum_is_rounded_before_the_residual_is_added():
+    """FlashInfer's rounding points: h = cast(cast(s) + r), not cast(s + r). Here s =
+    1 + 2^-11 + 2^-20 rounds up to 1 + 2^-10, and adding r = 2^-11 then lands on a tie
+    that rounds to even (1 + 2^-9); rounding once would give 1 + 2^-10."""
+    xs = [torch.tensor([[1.0]]).half(), torch.tensor([[2.0**-11 + 2.0**-20]]).half()]
+    res = torch.tensor([[2.0**-11]]).half()
+    out = R.reference_allreduce_fusion(xs, 1, residual_in=res, rms_gamma=torch.ones(1).half())
+    assert out["output"].item() == 1 + 2.0**-10
+    assert out["residual_out"].item() == 1 + 2.0**-9
+    assert (xs[0].float() + xs[1].float() + res.float()).half().item() == 1 + 2.0**-10
+
+
+def test_static_fp8_multiplies_by_the_rounded_reciprocal():
+    """quant_out = e4m3(n * fp32(1 / scale)) (FlashInfer's and vLLM's form). 10.9375 / 7
+    is 1.5625, a tie that rounds to even (1.5); fp32(1 / 7) is a little above 1 / 7, so
+    the product lies past the tie and rounds up to 1.625."""
+    n = torch.tensor([10.9375, -10.9375])
+    assert R.quantize_fp8(n, 7.0).float().tolist() == [1.625, -1.625]
+    assert R.e4m3(n / torch.tensor([7.0])).float().tolist() == [1.5, -1.5]
+    g = torch.randn(1 << 12, generator=torch.Generator().manual_seed(5)) * 100
+    recip = torch.tensor([1.0]) / torch.tensor([0.37])
+    assert torch.equal(bits(R.quantize_fp8(g, 0.37)), bits(R.e4m3(g * recip)))
 
 
 def test_fp8_rounding_ties_saturation_and_signed_zero():
@@ -65,7 +89,7 @@ def test_fp8_rounding_ties_saturation_and_signed_zero():
     assert q.tolist()[:4] == [1.0, 1.25, 448.0, -448.0]
     assert bits(R.quantize_fp8(n, 1.0))[4].item() == 0x80  # -0.0 stays -0.0
     assert q.tolist()[5:] == [448.0, 448.0]
-    assert R.quantize_fp8(torch.tensor([3.0]), 2.0).float().item() == 1.5  # divides
+    assert R.quantize_fp8(torch.tensor([3.0]), 2.0).float().item() == 1.5  # times 1 / 2
 
 
 def test_fp8_scale_tensor_equals_float():

@@ -1,7 +1,9 @@
 """The torch backend over gloo: every pattern, dtype and many shapes at world sizes 1 to 4.
 
-Each rank's outputs must equal arfusion.reference bit for bit (the backend runs
-the reference epilogue on the rank-order fp32 sum), and all ranks must agree.
+Each rank's outputs must equal arfusion.reference, built from every rank's input and
+the rank's own residual and gamma, bit for bit (the backend runs the reference
+epilogue on the rank-order fp32 sum), and all ranks must agree where they pass the
+same tensors.
 """
 
 import pytest
@@ -28,7 +30,8 @@ def cases(world_size):
                 scale = {Quant.FP8: 0.07, Quant.NVFP4: 300.0}.get(quant, 1.0)
                 out.append(Case(pattern, t, h, dtype, seed=world_size * 1000 + i,
                                 layout_code=i % 3, scale_factor=scale,
-                                weight_bias=float(i % 2), scale_as_tensor=bool(i % 4 == 1)))
+                                weight_bias=float(i % 2), scale_as_tensor=bool(i % 4 == 1),
+                                replicated=i % 3 == 0))
     return out
 
 
@@ -58,5 +61,6 @@ def test_gloo_processes_match_reference(world_size):
     _check(run_processes(world_size, _rank, timeout_s=900))
 
 
-def test_ranks_as_threads_with_in_process_backend():
-    _check(run_ranks(3, lambda ctx: _rank(ctx.rank, ctx.world_size, ctx.comm)))
+@pytest.mark.parametrize("world_size", [3, 8])
+def test_ranks_as_threads_with_in_process_backend(world_size):
+    _check(run_ranks(world_size, lambda ctx: _rank(ctx.rank, ctx.world_size, ctx.comm)))

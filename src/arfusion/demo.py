@@ -22,10 +22,10 @@ import torch
 
 from . import testing
 from .api import allreduce_fusion, create_allreduce_fusion_workspace
+from .cliargs import DTYPES, dtype_list, pattern_list, positive, positive_list
 from .patterns import PATTERNS, Quant, pattern_supports
 from .testing import Case, case_kwargs, case_outputs, precompile_cases, run_case
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCALE = {Quant.FP8: 0.05, Quant.NVFP4: 400.0}
 
 
@@ -84,7 +84,7 @@ def run_rank(rank: int, world_size: int, cfg: DemoConfig, comm=None,
                                   exact=cfg.backend == "torch", comm=barrier, **kw)
                 # Time a few more identical calls (the first one above compiled and checked).
                 x, out = case.input(rank, device), case_outputs(case, device, kw["with_output"])
-                kwargs = case_kwargs(case, device)
+                kwargs = case_kwargs(case, device, rank)
                 _sync(device)
                 if barrier is not None:
                     barrier.barrier()
@@ -150,53 +150,18 @@ def _print_table(rows_by_rank: list[list[dict]], cfg: DemoConfig) -> bool:
     return all_ok
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _positive_list(text: str) -> list[int]:
-    values = [_positive(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise ValueError(text)
-    return values
-
-
-def _pattern_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in PATTERNS]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(
-            f"{bad or text!r} is not a supported pattern {sorted(PATTERNS)}")
-    return values
-
-
-def _dtype_list(text: str) -> list[torch.dtype]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in DTYPES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(
-            f"{', '.join(bad) or repr(text)}: choose from {', '.join(DTYPES)}")
-    return [DTYPES[n] for n in names]
-
-
-_positive.__name__ = "positive integer"
-_positive_list.__name__ = "comma-separated positive integers"
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=_positive, default=None,
+    p.add_argument("--world-size", type=positive, default=None,
                    help="ranks to launch (default: 2 without a GPU, else max(2, GPUs))")
-    p.add_argument("--backend", default="auto", choices=["auto", "trtllm", "mnnvl", "torch"])
-    p.add_argument("--tokens", type=_positive_list, default=[1, 37], help="e.g. 1,37,300")
-    p.add_argument("--hidden", type=_positive_list, default=[128, 4096], help="e.g. 16,2880")
-    p.add_argument("--dtype", type=_dtype_list, default=list(DTYPES.values()),
+    p.add_argument("--backend", default="auto", choices=["auto", "trtllm", "mnnvl", "torch"],
+                   help="auto: the Triton kernels with a GPU, the torch backend without")
+    p.add_argument("--tokens", type=positive_list, default=[1, 37], help="e.g. 1,37,300")
+    p.add_argument("--hidden", type=positive_list, default=[128, 4096], help="e.g. 16,2880")
+    p.add_argument("--dtype", type=dtype_list, default=list(DTYPES.values()),
                    help="of bf16, fp16, fp32 (default all)")
-    p.add_argument("--patterns", type=_pattern_list, default=sorted(PATTERNS),
+    p.add_argument("--patterns", type=pattern_list, default=sorted(PATTERNS),
                    help="pattern codes, default all supported")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the random inputs")
     p.set_defaults(parser=p)
 
 
@@ -210,6 +175,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         mode = "threads"
     backend = args.backend
+    if backend in ("trtllm", "mnnvl") and not gpus:
+        args.parser.error(f"--backend {backend} needs a CUDA GPU; without one use --backend "
+                          "torch (or auto)")
     if backend == "auto" and not gpus:
         backend = "torch"
         print("no GPU: using the torch backend over gloo")

@@ -9,12 +9,16 @@ Unfused equivalent of one call, per rank r of N::
 
     s = 0.0 + x_0 + x_1 + ... + x_{N-1}          # fp32, rank order: identical bits everywhere
     output = cast(s)                               # kAllReduce
-    h = residual_out = cast(s + residual_in)       # residual patterns
+    h = residual_out = cast(cast(s) + residual_in) # residual patterns: the sum rounded first
     n = cast(h * (1 / sqrt(mean(h^2) + eps)) * (gamma + weight_bias))
     quant_out, scale_out = quantise(n)             # FP8, NVFP4 or dynamic FP8
 
 The sum starts from +0.0, so a sum of zeros is +0.0 whatever their signs, at
-every world size (the world-size-1 kernel adds its input to +0.0 too).
+every world size (the world-size-1 kernel adds its input to +0.0 too). The sum is
+rounded to the input dtype before the residual is added, as FlashInfer, TensorRT-LLM
+and the unfused path (all-reduce, then add) round it. `residual_in`, `rms_gamma`,
+`weight_bias` and `scale_factor` are the rank's own: `epilogue` gives one rank's
+outputs from the shared sum and that rank's tensors.
 """
 
 from __future__ import annotations
@@ -78,8 +82,9 @@ def e4m3(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8(n: torch.Tensor, scale_factor: float | torch.Tensor) -> torch.Tensor:
-    """Static FP8: e4m3(clamp(float(n) / scale_factor))."""
-    return e4m3(n.float() / _scale_tensor(scale_factor, n))
+    """Static FP8: e4m3(clamp(float(n) * (1 / scale_factor))), the reciprocal rounded to
+    fp32 first (FlashInfer's and vLLM's form)."""
+    return e4m3(n.float() * (_const(1.0, n) / _scale_tensor(scale_factor, n)))
 
 
 def quantize_dynamic_fp8(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +203,8 @@ def epilogue(
     layout_code: int | None = None,
     weight_bias: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Everything `pattern` writes, from the fp32 sum `s`.
+    """Everything `pattern` writes on one rank, from the fp32 sum `s` and that rank's
+    own residual_in, rms_gamma, weight_bias and scale_factor.
 
     Keys: "output" (always: cast(s)), and for residual patterns "residual_out",
     "norm_out" (the normalised row, also for patterns that only quantise it),
@@ -208,7 +214,7 @@ def epilogue(
     out = {"output": s.to(dtype)}
     if not traits.norm:
         return out
-    h = (s + residual_in.float()).to(dtype)
+    h = (out["output"].float() + residual_in.float()).to(dtype)
     n = rms_norm(h, rms_gamma, rms_eps, weight_bias)
     out["residual_out"] = h
     out["norm_out"] = n
@@ -225,9 +231,9 @@ def epilogue(
 def reference_allreduce_fusion(
     inputs: Sequence[torch.Tensor], pattern: int, **kwargs
 ) -> dict[str, torch.Tensor]:
-    """What every rank must get from `allreduce_fusion` given every rank's input.
+    """What a rank must get from `allreduce_fusion` given every rank's input.
 
-    `inputs[r]` is rank r's input; `kwargs` are `epilogue`'s (residual_in, rms_gamma,
-    rms_eps, scale_factor, layout_code, weight_bias).
+    `inputs[r]` is rank r's input; `kwargs` are `epilogue`'s, the rank's own
+    (residual_in, rms_gamma, rms_eps, scale_factor, layout_code, weight_bias).
     """
     return epilogue(allreduce_sum(inputs), inputs[0].dtype, pattern, **kwargs)

@@ -3,10 +3,10 @@
 Each of the three rotations holds a header of N * 16 elements (the ranks' call
 signatures), then either a one-shot call (N slots of the call's T*H elements,
 each slot rounded up to 16) or a two-shot call (N scatter slots of
-C = ceil(T*H / N) rounded up to 16, plus two gather regions of N*C). A workspace
+C = ceil(T*H / N) rounded up to 16, plus the gather region of N*C). A workspace
 sized for E elements (max_token_num * hidden_dim) with one-shot up to E1 <= E:
 
-    bytes = 3 * round_up(16 N + max(N * round_up(E1, 16), 3 * N * C(E)), 64) * element size
+    bytes = 3 * round_up(16 N + max(N * round_up(E1, 16), 2 * N * C(E)), 64) * element size
 
 A one-shot call of up to `oneshot_fit` elements fits whatever E1 was asked for.
 World size 1 moves nothing between ranks (a local kernel): its rotations are a
@@ -32,11 +32,11 @@ def chunk_elements(num_elements: int, world_size: int) -> int:
 
 def rotation_elements(world_size: int, max_elements: int, oneshot_elements: int) -> int:
     """Elements of one rotation: the header, then N one-shot slots or two-shot scatter +
-    two gathers."""
+    gather."""
     if world_size == 1:
         return 64
     oneshot = world_size * round_up(oneshot_elements, 16)
-    twoshot = 3 * world_size * chunk_elements(max_elements, world_size)
+    twoshot = 2 * world_size * chunk_elements(max_elements, world_size)
     return round_up(header_elements(world_size) + max(oneshot, twoshot), 64)
 
 

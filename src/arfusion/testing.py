@@ -7,11 +7,14 @@
 - `run_processes`: N spawned processes joined by `torch.distributed` (gloo on
   CPU, nccl with one GPU each).
 - `Case` draws a call's inputs reproducibly, so every rank can rebuild every
-  other rank's input and compute the reference locally.
+  other rank's input and compute the reference locally; every rank draws its own
+  residual and gamma (the contract is per rank: a rank's outputs follow from the sum
+  and its own tensors).
 - `check_outputs` compares one rank's outputs with `arfusion.reference` by the
   rules of docs/contract.md: output and residual_out bit-exact, norm_out within 1 ulp
   (16-bit) or 32 ulp (fp32), quantised bytes equal except where the reference
-  value is within 1 ulp of a rounding boundary (counted).
+  value is within 1 ulp of a rounding boundary (counted). Ranks that pass different
+  residuals get different bits; `digest` hashes what every rank must share.
 
 Ranks as threads on one GPU follow one discipline (`run_case` does): prepare
 everything, meet at a barrier, launch, synchronise the rank's own stream, and
@@ -286,6 +289,7 @@ class Case:
     weight_bias: float = 0.0
     rms_eps: float = 1e-6
     scale_as_tensor: bool = False  # pass scale_factor as a 1-element fp32 tensor
+    replicated: bool = False  # every rank passes the same residual and gamma (as engines do)
 
     def _generator(self, salt: int, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + salt)
@@ -297,13 +301,15 @@ class Case:
         x = torch.randn(self.num_tokens, self.hidden_dim, generator=g, device=device) * 2.0
         return x.to(self.dtype)
 
-    def shared(self, device: torch.device | str = "cpu") -> dict[str, Any]:
-        """The tensors every rank passes alike: residual_in, rms_gamma, scale_factor."""
+    def own(self, rank: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """What rank `rank` passes besides its input: its own residual_in and rms_gamma
+        (every rank draws its own unless `replicated`; gamma has negative values too),
+        and rms_eps, weight_bias, scale_factor, layout_code."""
         device = torch.device(device)
-        g = self._generator(104729, device)
+        g = self._generator(104729 + 7919 * (0 if self.replicated else rank), device)
         t, h = self.num_tokens, self.hidden_dim
         residual = torch.randn(t, h, generator=g, device=device)
-        gamma = torch.rand(h, generator=g, device=device) + 0.5
+        gamma = torch.rand(h, generator=g, device=device) * 2.5 - 0.75
         return {
             "residual_in": residual.to(self.dtype),
             "rms_gamma": gamma.to(self.dtype),
@@ -314,15 +320,18 @@ class Case:
             "layout_code": self.layout_code,
         }
 
-    def reference(self, world_size: int, device: torch.device | str = "cpu"):
+    def reference(self, world_size: int, device: torch.device | str, rank: int):
+        """Rank `rank`'s outputs: every rank's input, that rank's own tensors."""
         inputs = [self.input(r, device) for r in range(world_size)]
-        kwargs = self.shared(device)
+        kwargs = self.own(rank, device)
         if not PATTERNS[self.pattern].norm:
             kwargs = {}
         return reference.reference_allreduce_fusion(inputs, self.pattern, **kwargs)
 
     def label(self) -> str:
-        return f"{PATTERNS[self.pattern].name} {self.num_tokens}x{self.hidden_dim} {self.dtype}"
+        own = " replicated" if self.replicated else ""
+        return (f"{PATTERNS[self.pattern].name} {self.num_tokens}x{self.hidden_dim} "
+                f"{self.dtype}{own}")
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
@@ -442,8 +451,12 @@ def _check_quant(got, ref, case: Case, exact: bool, res: CheckResult) -> None:
             scale = torch.full((1,), case.scale_factor, device=n.device)
             scale_ok, differ_sf = torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
         value = got["quant_out"].float()
-        code_lo = reference.e4m3(lo / scale).float()
-        code_hi = reference.e4m3(hi / scale).float()
+        if quant == Quant.FP8:
+            code_lo = reference.quantize_fp8(lo, case.scale_factor).float()
+            code_hi = reference.quantize_fp8(hi, case.scale_factor).float()
+        else:
+            code_lo = reference.e4m3(lo / scale).float()
+            code_hi = reference.e4m3(hi / scale).float()
     codes_ok = (code_lo <= value) & (value <= code_hi)
     res.boundary += int(differ.sum()) + int(differ_sf.sum())
     if exact and (differ.any() or differ_sf.any()):
@@ -502,6 +515,12 @@ def digest(tensors: dict[str, torch.Tensor | None]) -> str:
     return h.hexdigest()[:16]
 
 
+def shared_digest(tensors: dict[str, torch.Tensor | None], case: Case) -> str:
+    """`digest` of what every rank must get alike: every output when the ranks pass the
+    same residual and gamma (`case.replicated`), else the all-reduced `output`."""
+    return digest(tensors if case.replicated else {"output": tensors.get("output")})
+
+
 def case_outputs(case: Case, device: torch.device | str, with_output: bool = True):
     """Poisoned tensors for every output `case.pattern` writes (`output` optional
     for residual patterns)."""
@@ -527,12 +546,12 @@ def case_outputs(case: Case, device: torch.device | str, with_output: bool = Tru
     return out
 
 
-def case_kwargs(case: Case, device: torch.device | str) -> dict[str, Any]:
-    """The non-output keyword arguments of `allreduce_fusion` for `case`."""
+def case_kwargs(case: Case, device: torch.device | str, rank: int) -> dict[str, Any]:
+    """The non-output keyword arguments of `allreduce_fusion` for `case` on `rank`."""
     traits = PATTERNS[case.pattern]
     if not traits.norm:
         return {}
-    kwargs = case.shared(device)
+    kwargs = case.own(rank, device)
     if traits.quant not in (Quant.FP8, Quant.NVFP4):
         del kwargs["scale_factor"]
     if traits.quant != Quant.NVFP4:
@@ -554,7 +573,7 @@ def precompile_cases(workspace, cases: list[tuple[Case, dict]], rank: int,
                     kw = dict(kw)
                     out = case_outputs(case, device, kw.pop("with_output", True))
                     allreduce_fusion(case.input(rank, device), workspace, case.pattern, **out,
-                                     **case_kwargs(case, device), **kw)
+                                     **case_kwargs(case, device, rank), **kw)
         if comm is not None:
             comm.barrier()
 
@@ -563,7 +582,7 @@ def precompile_cases(workspace, cases: list[tuple[Case, dict]], rank: int,
 class CaseResult:
     label: str
     check: CheckResult
-    digest: str
+    digest: str  # of the bits every rank must share: all outputs when replicated, else output
 
 
 def run_case(workspace, case: Case, rank: int, world_size: int, device: torch.device | str,
@@ -572,14 +591,15 @@ def run_case(workspace, case: Case, rank: int, world_size: int, device: torch.de
     """One checked call of `allreduce_fusion` on this rank (all ranks must run it).
 
     Outputs are poisoned first; the result is compared with the reference built
-    from every rank's input; `call_kwargs` go to allreduce_fusion (use_oneshot,
-    launch_with_pdl, ...). With `comm` (ranks as threads), ranks meet at a barrier
-    before the call and the rank's stream is synchronised after it (module docstring).
+    from every rank's input and this rank's own residual and gamma; `call_kwargs` go
+    to allreduce_fusion (use_oneshot, launch_with_pdl, ...). With `comm` (ranks as
+    threads), ranks meet at a barrier before the call and the rank's stream is
+    synchronised after it (module docstring).
     """
     from .api import allreduce_fusion
 
     out = case_outputs(case, device, with_output)
-    x, kwargs = case.input(rank, device), case_kwargs(case, device)
+    x, kwargs = case.input(rank, device), case_kwargs(case, device, rank)
     if comm is not None:
         comm.barrier()
     ret = allreduce_fusion(x, workspace, case.pattern, **out, **kwargs, **call_kwargs)
@@ -589,5 +609,5 @@ def run_case(workspace, case: Case, rank: int, world_size: int, device: torch.de
     if ret is not want:
         raise AssertionError("allreduce_fusion did not return norm_out (when passed) or the "
                              "pattern's output tensor")
-    check = check_outputs(out, case.reference(world_size, device), case, exact=exact)
-    return CaseResult(case.label(), check, digest(out))
+    check = check_outputs(out, case.reference(world_size, device, rank), case, exact=exact)
+    return CaseResult(case.label(), check, shared_digest(out, case))

@@ -123,7 +123,7 @@ def _dead_peer_rank(rank: int, world: int, backend: str) -> tuple | None:
     start = time.monotonic()
     for _ in range(2):
         allreduce_fusion(case.input(rank, "cuda"), ws, case.pattern,
-                         **case_outputs(case, "cuda"), **case_kwargs(case, "cuda"))
+                         **case_outputs(case, "cuda"), **case_kwargs(case, "cuda", rank))
     torch.cuda.synchronize()
     waited = time.monotonic() - start
     try:

@@ -1,9 +1,10 @@
 """Quantised epilogues on a GPU (static FP8, NVFP4 in software on Hopper, dynamic FP8).
 
 N ranks as threads of one process; every output poisoned first and compared with
-arfusion.reference: codes and scale bytes equal except where the reference value
-is within 1 ulp of a rounding boundary (counted and printed), dequantised values
-within the format's bound, identical bits on every rank.
+arfusion.reference (each rank's own residual and gamma, a third of the cases the same
+on every rank): codes and scale bytes equal except where the reference value is
+within 1 ulp of a rounding boundary (counted and printed), dequantised values within
+the format's bound, identical bits on every rank where the ranks pass the same tensors.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def plan(world_size, dtype, seed):
             scale = rng.uniform(0.02, 0.5) if quant == Quant.FP8 else rng.uniform(20, 2000)
             case = Case(pattern, t, h, dtype, seed=seed * 7_919 + len(cases), layout_code=layout,
                         scale_factor=scale, weight_bias=float(len(cases) % 2),
-                        scale_as_tensor=as_tensor)
+                        scale_as_tensor=as_tensor, replicated=len(cases) % 3 == 0)
             cases.append((case, dict(use_oneshot=oneshot, with_output=False)))
     return cases
 
@@ -165,7 +166,7 @@ def _graph_scale_rank(ctx, replays):
         for pattern, layout, oneshot, h, _ in picks.values():
             case = Case(pattern, 9, h, dtype, layout_code=layout, scale_factor=1.0,
                         scale_as_tensor=True)
-            kw = case_kwargs(case, CUDA)
+            kw = case_kwargs(case, CUDA, ctx.rank)
             static.append((case, case.input(ctx.rank, CUDA), case_outputs(case, CUDA, False),
                            kw, oneshot))
 
@@ -188,7 +189,7 @@ def _graph_scale_rank(ctx, replays):
             for case, _, out, _, _ in static:
                 inputs = [case.input(r, CUDA) for r in range(ctx.world_size)]
                 shared = Case(case.pattern, case.num_tokens, case.hidden_dim, dtype,
-                              layout_code=case.layout_code).shared(CUDA)
+                              layout_code=case.layout_code).own(ctx.rank, CUDA)
                 ref = reference.reference_allreduce_fusion(
                     inputs, case.pattern, residual_in=shared["residual_in"],
                     rms_gamma=shared["rms_gamma"], scale_factor=case.scale_factor,

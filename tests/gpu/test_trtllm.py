@@ -2,9 +2,11 @@
 threads, CUDA IPC, symmetric memory; mnnvl: cuMem), N ranks as threads of one process
 (one stream each).
 
-Every call's outputs are poisoned first and compared with arfusion.reference;
-output and residual_out must be bit-exact, norm_out within 1 ulp, and every
-rank must get the same bits.
+Every call's outputs are poisoned first and compared with arfusion.reference built
+from every rank's input and the rank's own residual and gamma (each rank draws its
+own, except in `replicated` cases); output and residual_out must be bit-exact,
+norm_out within 1 ulp, and every rank must get the same bits where all ranks pass
+the same tensors (output always).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from arfusion import (
     reference,
 )
 from arfusion.comm import TorchDistBackend
+from arfusion.patterns import PATTERNS, Quant
 from arfusion.testing import (
     Case,
     capture_graph,
@@ -84,7 +87,8 @@ def plan(world_size: int, dtype: torch.dtype, seed: int) -> list[tuple[Case, dic
                 for t in sorted(tokens):
                     i = len(cases)
                     case = Case(pattern, t, h, dtype, seed=seed * 100_003 + i,
-                                weight_bias=float(i % 2), rms_eps=1e-5 if i % 3 else 1e-6)
+                                weight_bias=float(i % 2), rms_eps=1e-5 if i % 3 else 1e-6,
+                                replicated=i % 3 == 0)
                     cases.append((case, dict(use_oneshot=oneshot, with_output=with_output,
                                              **launch)))
     return cases
@@ -133,6 +137,38 @@ def test_world_size_1_compiles_and_matches(dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_match_reference(world_size, dtype, backend):
     assert_all_good(run_ranks(world_size, run_plan, dtype, world_size, backend, device=CUDA))
+
+
+def _own_tensors_plan(rank: int, world_size: int) -> list[tuple[Case, dict]]:
+    """Every pattern, both strategies, 1 token, fewer tokens than ranks and many; each
+    rank its own residual, gamma (negative values too), weight_bias and scale."""
+    cases = []
+    for i, pattern in enumerate(sorted(PATTERNS)):
+        base = {Quant.FP8: 0.05, Quant.NVFP4: 200.0}.get(PATTERNS[pattern].quant, 1.0)
+        for oneshot in (True, False):
+            for t in sorted({1, max(1, world_size - 1), 37}):
+                case = Case(pattern, t, 2880, torch.bfloat16, seed=100 * i + t,
+                            layout_code=i % 3, scale_factor=base * (1 + rank / 4),
+                            weight_bias=float(rank % 2), scale_as_tensor=bool(i % 2))
+                cases.append((case, dict(use_oneshot=oneshot, with_output=oneshot)))
+    return cases
+
+
+def _own_tensors_rank(ctx, backend):
+    cases = _own_tensors_plan(ctx.rank, ctx.world_size)
+    with make_workspace(ctx, torch.bfloat16, 64, 2880, backend) as ws:
+        precompile_cases(ws, cases, ctx.rank, ctx.device, ctx.comm)
+        return [run_case(ws, case, ctx.rank, ctx.world_size, ctx.device, comm=ctx.comm, **kw)
+                for case, kw in cases]
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_rank_finishes_its_rows_with_its_own_tensors(world_size, backend):
+    """Two-shot all-gathers the sum, never a peer's residual: each rank's residual_out,
+    norm_out and quantised outputs follow from its own tensors (the reference built
+    from them), for both strategies; output (cast(s)) is the same on every rank."""
+    assert_all_good(run_ranks(world_size, _own_tensors_rank, backend, device=CUDA))
 
 
 def _special_inputs(rank: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -200,13 +236,13 @@ def _many_calls_rank(ctx, calls, batch, backend):
                 h, pattern, oneshot = rng.choice(MANY_COMBOS)
                 case = Case(pattern, rng.randint(1, 64), h, torch.bfloat16, seed=i)
                 work.append((case, case.input(ctx.rank, CUDA), case_outputs(case, CUDA),
-                             case_kwargs(case, CUDA), oneshot))
+                             case_kwargs(case, CUDA, ctx.rank), oneshot))
             ctx.comm.barrier()
             for case, x, out, kw, oneshot in work:
                 allreduce_fusion(x, ws, case.pattern, use_oneshot=oneshot, **out, **kw)
             ctx.stream.synchronize()
             for case, _, out, _, _ in work:
-                check = check_outputs(out, case.reference(ctx.world_size, CUDA), case)
+                check = check_outputs(out, case.reference(ctx.world_size, CUDA, ctx.rank), case)
                 if not check.ok:
                     bad.append((case.label(), check.problems))
     return bad
@@ -226,7 +262,7 @@ def _graph_rank(ctx, replays, backend):
         static = []
         for case in cases:
             x = case.input(ctx.rank, CUDA)
-            static.append((x, case_outputs(case, CUDA), case_kwargs(case, CUDA)))
+            static.append((x, case_outputs(case, CUDA), case_kwargs(case, CUDA, ctx.rank)))
 
         def step():
             for (x, out, kw), case, oneshot in zip(static, cases, (True, False), strict=True):
@@ -247,7 +283,7 @@ def _graph_rank(ctx, replays, backend):
                 ref_case = Case(case.pattern, case.num_tokens, case.hidden_dim, dtype, seed=0)
                 inputs = [Case(case.pattern, case.num_tokens, case.hidden_dim, dtype,
                                seed=i + 1).input(r, CUDA) for r in range(ctx.world_size)]
-                kw = case_kwargs(ref_case, CUDA)
+                kw = case_kwargs(ref_case, CUDA, ctx.rank)
                 ref = reference.reference_allreduce_fusion(inputs, case.pattern, **kw)
                 bad += not check_outputs(out, ref, ref_case).ok
         return bad
@@ -303,14 +339,14 @@ def _mismatch_rank(ctx, backend, change, oneshot):
         precompile_cases(ws, [(case, kw)], ctx.rank, CUDA, ctx.comm)
         start = time.monotonic()
         allreduce_fusion(case.input(ctx.rank, CUDA), ws, case.pattern,
-                         **case_outputs(case, CUDA), **case_kwargs(case, CUDA), **kw)
+                         **case_outputs(case, CUDA), **case_kwargs(case, CUDA, ctx.rank), **kw)
         torch.cuda.current_stream().synchronize()
         elapsed = time.monotonic() - start
         with pytest.raises(RuntimeError) as raised:
             ws.check()
         with pytest.raises(RuntimeError, match="mismatched"):  # and every later call
             allreduce_fusion(case.input(ctx.rank, CUDA), ws, case.pattern,
-                             **case_outputs(case, CUDA), **case_kwargs(case, CUDA), **kw)
+                             **case_outputs(case, CUDA), **case_kwargs(case, CUDA, ctx.rank), **kw)
         return elapsed, str(raised.value), ws.failed_ranks()
 
 
@@ -351,7 +387,7 @@ def _with_and_without_signature_rank(ctx):
         case = cases[0 if ctx.rank == 0 else 2][0]  # 1 token on rank 0, 5 on the others
         ctx.comm.barrier()
         allreduce_fusion(case.input(ctx.rank, CUDA), ws, case.pattern,
-                         **case_outputs(case, CUDA), **case_kwargs(case, CUDA),
+                         **case_outputs(case, CUDA), **case_kwargs(case, CUDA, ctx.rank),
                          use_oneshot=True)
         torch.cuda.current_stream().synchronize()
         with pytest.raises(RuntimeError, match="mismatched"):
@@ -427,7 +463,7 @@ def test_torch_compile_and_custom_op():
                                            hidden_dim=256, dtype=torch.bfloat16,
                                            comm_backend=comm)
     case = Case(P.kARResidualRMSNorm, 16, 256, torch.bfloat16)
-    kw = case_kwargs(case, CUDA)
+    kw = case_kwargs(case, CUDA, 0)
 
     def fused(x, residual, gamma):
         return allreduce_fusion(x, ws, P.kARResidualRMSNorm, residual_in=residual,

@@ -83,7 +83,7 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
         """Bytes of one Lamport buffer a call of num_tokens x hidden_dim needs with
         `strategy` (AUTO: the one the heuristic picks; a bool means use_oneshot).
         One-shot: T*H*N*element size, as FlashInfer; two-shot: N scatter slots and
-        two gather regions of ceil(T*H/N) elements each, rounded up to 16."""
+        N gather slots of ceil(T*H/N) elements each, rounded up to 16."""
         if isinstance(strategy, MNNVLAllreduceFusionStrategy):
             strategy = strategy.use_oneshot
         elems = num_tokens * hidden_dim
@@ -91,4 +91,4 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
             strategy = heuristics.choose_oneshot(tp_size, elems, dtype)
         if strategy:
             return elems * tp_size * dtype.itemsize
-        return 3 * tp_size * sizing.chunk_elements(elems, tp_size) * dtype.itemsize
+        return 2 * tp_size * sizing.chunk_elements(elems, tp_size) * dtype.itemsize

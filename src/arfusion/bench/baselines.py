@@ -40,7 +40,8 @@ def epilogue_fn(pattern: int, dtype: torch.dtype, scale: float):
         n = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS) * gamma.float()).to(dtype)
         outs = [h, n] if traits.norm_out else [h]
         if traits.quant == Quant.FP8:
-            outs.append((n.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+            outs.append((n.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX)
+                        .to(torch.float8_e4m3fn))
         elif traits.quant == Quant.DYNAMIC_FP8:
             amax = n.float().abs().amax(-1, keepdim=True)
             s = torch.clamp(amax / FP8_MAX, min=reference.DYNAMIC_FP8_MIN_SCALE)

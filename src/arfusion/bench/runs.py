@@ -7,7 +7,8 @@
   With them, the harness's floor: the same streams running world-size-1 calls, and at
   1 token what the call signature costs (the same calls with and without it).
 - `process_rows`: one process per rank (one GPU each over NCCL and symmetric
-  memory, or several on one GPU under MPS over CUDA IPC), max over ranks.
+  memory, or several on one GPU under MPS over CUDA IPC), max over ranks; FlashInfer's
+  own kernels beside arfusion's where it imports (flashinfer.py).
 - `tp_block`: a tensor-parallel block around the fused call, checked and timed.
 
 Every row carries `us` (median per call) and, where the bytes are known, `roofline`:
@@ -29,7 +30,7 @@ from ..api import allreduce_fusion, create_allreduce_fusion_workspace
 from ..comm import InProcessBackend, InProcessGroup, TorchDistBackend
 from ..patterns import PATTERNS, Quant, pattern_supports
 from ..testing import Case, case_kwargs, case_outputs
-from . import baselines
+from . import baselines, flashinfer
 from .timing import (
     copy_us,
     epilogue_bytes,
@@ -65,11 +66,11 @@ class _Calls:
             rotated = Case(case.pattern, case.num_tokens, case.hidden_dim, case.dtype,
                            seed=i, scale_factor=case.scale_factor)
             self.sets.append((rotated.input(rank, device),
-                              rotated.shared(device)["residual_in"]))
+                              rotated.own(rank, device)["residual_in"]))
         self.out = case_outputs(case, device, with_output=False)
-        self.kw = case_kwargs(case, device)
+        self.kw = case_kwargs(case, device, rank)
         self.kw.pop("residual_in", None)
-        self.gamma = case.shared(device)["rms_gamma"]
+        self.gamma = case.own(rank, device)["rms_gamma"]
 
     def one(self, ws, i: int, use_oneshot=None) -> None:
         """Call i (on input set i)."""
@@ -290,6 +291,9 @@ def process_rows(ctx: testing.RankContext, args, dtype, backends, mode: str) -> 
                     used = ws.picks_oneshot(case.num_tokens * case.hidden_dim, oneshot)
                     rows.append(_row(f"arfusion {backend} {STRATEGIES[oneshot]}", case, us,
                                      ctx.world_size, mode, STRATEGIES[used]))
+    fc = flashinfer.module()
+    if fc is not None:
+        rows += _flashinfer_rows(fc, ctx, args, dtype, mode)
     if mode == "processes":
         for case in _shapes(args, dtype):
             calls = _Calls(case, ctx.rank, args.calls)
@@ -299,6 +303,48 @@ def process_rows(ctx: testing.RankContext, args, dtype, backends, mode: str) -> 
                                 args.calls, args.replays, ctx)
                 rows.append(_row(f"{name} + compiled epilogue", case, us, ctx.world_size,
                                  mode))
+    return rows
+
+
+def _flashinfer_rows(fc, ctx: testing.RankContext, args, dtype, mode: str) -> list[dict]:
+    """FlashInfer's trtllm kernels (bench/flashinfer.py), one-shot and two-shot (its
+    two-shot needs more tokens than ranks), each case's first call compared with
+    arfusion's on the same inputs. A hung case is recorded and ends the rows."""
+    fws, memory = flashinfer.workspace(fc, ctx.rank, ctx.world_size, max(args.tokens),
+                                       max(args.hidden), dtype)
+    rows = []
+    with create_allreduce_fusion_workspace(
+            "trtllm", world_size=ctx.world_size, rank=ctx.rank,
+            max_token_num=max(args.tokens), hidden_dim=max(args.hidden), dtype=dtype,
+            gpus_per_node=ctx.world_size if mode == "mps" else None) as ws:
+        for case in (c for c in _shapes(args, dtype) if flashinfer.runs_pattern(c.pattern)):
+            calls = _Calls(case, ctx.rank, args.calls)
+            fi = flashinfer.Calls(fc, calls, ctx.device)
+            ours = case_outputs(case, ctx.device)
+            with ws.compile_only():
+                allreduce_fusion(calls.sets[0][0], ws, case.pattern, **ours,
+                                 **case_kwargs(case, ctx.device, ctx.rank))
+            ctx.comm.barrier()
+            allreduce_fusion(calls.sets[0][0], ws, case.pattern, **ours,
+                             **case_kwargs(case, ctx.device, ctx.rank))
+            ref = case.reference(ctx.world_size, ctx.device, ctx.rank)
+            for oneshot in (True, False):
+                if not oneshot and case.num_tokens <= ctx.world_size:
+                    continue
+                method = f"flashinfer {flashinfer.STRATEGIES[oneshot]}"
+                ctx.comm.barrier()
+                if not fi.finishes(fws, oneshot):
+                    print(f"[rank {ctx.rank}] {method} {case.label()} did not finish within "
+                          f"{flashinfer.HANG_S:.0f} s: recorded as hung, no more FlashInfer "
+                          "rows", flush=True)
+                    return rows + [dict(_row(method, case, float("nan"), ctx.world_size, mode),
+                                        hung=True, memory=memory)]
+                agree = flashinfer.compare(fi.out, ours, ref, case.pattern)
+                us = time_graph(lambda f=fi, o=oneshot: f.all(fws, o), args.calls,
+                                args.replays, ctx)
+                rows.append(dict(_row(method, case, us, ctx.world_size, mode,
+                                      flashinfer.STRATEGIES[oneshot]), agree=agree,
+                                 memory=memory))
     return rows
 
 
@@ -327,7 +373,7 @@ def host_probe(dtype: torch.dtype) -> Iterator[tuple]:
                                            comm_backend=comm) as ws:
         case = _case(1, 8, 4096, dtype)
         yield ws, case.input(0, "cuda"), case_outputs(case, "cuda", False), \
-            case_kwargs(case, "cuda")
+            case_kwargs(case, "cuda", 0)
 
 
 def host_costs(dtype) -> dict:

@@ -60,8 +60,8 @@ def _world1(wss: dict, dtype, pattern: int, t: int, h: int, max_tokens: int,
     case = _case(pattern, t, h, dtype)
     testing.precompile_cases(wss[dtype], [(case, dict(with_output=False))], 0, "cuda")
     epilogue = baselines.epilogue_fn(pattern, dtype, case.scale_factor)
-    shared = case.shared("cuda")
-    epilogue(case.input(0, "cuda"), shared["residual_in"], shared["rms_gamma"])
+    own = case.own(0, "cuda")
+    epilogue(case.input(0, "cuda"), own["residual_in"], own["rms_gamma"])
 
 
 def _ranks(dtype, world: int, backend: str, pattern: int, h: int) -> None:

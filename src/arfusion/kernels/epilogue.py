@@ -5,8 +5,11 @@ operation in the reference's order: divisions and the square root use
 `div_rn`/`sqrt_rn` (Triton's `/` is approximate), or `divide_by`, which gives the
 same quotients, and kernels are compiled without FMA contraction, so the only
 differences from `arfusion.reference` are the order of the row's sum of squares
-(RMSNorm, within 1 ulp of the output).
-Every rank runs the same code on the same values, so all ranks get the same bits.
+(RMSNorm, within 1 ulp of the output). The sum is rounded to the input dtype before
+the rank's own residual is added (FlashInfer's rounding points); static FP8
+multiplies by the reciprocal of the scale, rounded once (`quant_scale`).
+Every rank finishes its rows from the same all-reduced sum with its own residual,
+gamma and scale, so ranks that pass the same tensors get the same bits.
 
 A row is processed in `NUM_CHUNKS` chunks of `BLOCK` columns. With one chunk
 the residual row `h` stays in registers; with more, the producing stage writes
@@ -50,29 +53,37 @@ def load_residual(row, cols, cm, H, residual_in_ptr, NORM: tl.constexpr):
 @triton.jit
 def residual_add(s, r, row, cols, cm, H, out_ptr, residual_out_ptr, NORM: tl.constexpr,
                  WRITE_OUTPUT: tl.constexpr):
-    """From the fp32 sum chunk `s` and residual `r` (load_residual): write output =
-    cast(s) (kAllReduce, or when asked), and for residual patterns residual_out = h =
-    cast(s + r). Returns h (cast(s) without a residual). Masked lanes must hold s = 0."""
+    """From the sum chunk `s` (fp32, or already in the output dtype) and residual `r`
+    (load_residual): write output = cast(s) (kAllReduce, or when asked), and for
+    residual patterns residual_out = h = cast(cast(s) + r). Returns h (cast(s) without
+    a residual). Masked lanes must hold s = 0."""
     DT = out_ptr.dtype.element_ty
     offs = row * H + cols
+    sd = s.to(DT)
     if NORM:
         if WRITE_OUTPUT:
-            tl.store(out_ptr + offs, s.to(DT), mask=cm)
-        h = (s + r.to(tl.float32)).to(DT)
+            tl.store(out_ptr + offs, sd, mask=cm)
+        h = (sd.to(tl.float32) + r.to(tl.float32)).to(DT)
         tl.store(residual_out_ptr + offs, h, mask=cm)
     else:
-        h = s.to(DT)
+        h = sd
         tl.store(out_ptr + offs, h, mask=cm)
     return h
 
 
 @triton.jit
-def load_scale(scale_ptr, scale_value, SCALE_FROM_PTR: tl.constexpr):
-    """The quantisation scale: element 0 of a device tensor of any floating dtype, as
-    fp32 (CUDA-graph friendly: read at run time), or a float."""
+def quant_scale(scale_ptr, scale_value, QUANT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr):
+    """The factor the quantiser multiplies by: for static FP8 the reciprocal of the
+    scale, rounded once (FlashInfer's and vLLM's form), for NVFP4 the scale itself.
+    The scale is element 0 of a device tensor of any floating dtype, as fp32 (read at
+    run time: CUDA-graph friendly), or a float."""
     if SCALE_FROM_PTR:
-        return tl.load(scale_ptr).to(tl.float32)
-    return scale_value
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        scale = scale_value
+    if QUANT == QUANT_FP8:
+        scale = tl.div_rn(1.0, scale)
+    return scale
 
 
 @triton.jit
@@ -115,7 +126,8 @@ DIV_TINY = tl.constexpr(2.0**-64)
 
 @triton.jit
 def divide_by(x, s):
-    """x / s for fp32 `x` and one divisor `s` for all of it, as div_rn gives it wherever
+    """x / s for fp32 `x` and one divisor `s` for all of it (dynamic FP8's per-token
+    scale), as div_rn gives it wherever
     |x / s| >= 2^-62; below, where every code of the formats quantised here is a zero, a
     value of the same sign.
 
@@ -127,9 +139,9 @@ def divide_by(x, s):
     range of s keep |x| >= 2^-96). Where that result is NaN (x infinite or NaN, or x y
     overflowing) or under 2^-64 (a zero would lose the sign of -0.0), x y stands instead:
     infinite or NaN as x / s is, large enough to saturate, or tiny of the right sign.
-    Other divisors (zero, negative, NaN, huge or tiny: a device scale tensor is not
-    checked) take div_rn. tests/gpu/test_quant.py compares the two on every bf16 value
-    and a million random fp32 bit patterns."""
+    Other divisors (zero, NaN, huge or tiny: an infinite row's scale) take div_rn.
+    tests/gpu/test_quant.py compares the two on every bf16 value and a million random
+    fp32 bit patterns."""
     if (s >= DIV_MIN) & (s <= DIV_MAX):
         y = tl.div_rn(1.0, s)
         q = x * y
@@ -180,23 +192,24 @@ def store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, scale_factor,
 
 @triton.jit
 def store_normalized(nf, row, c0, cols, cm, H, norm_out_ptr, quant_ptr, scale_out_ptr,
-                     scale_factor, dyn_scale, WRITE_NORM: tl.constexpr,
+                     qscale, dyn_scale, WRITE_NORM: tl.constexpr,
                      QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
-    """Write one chunk of the normalised row and its quantisation."""
+    """Write one chunk of the normalised row and its quantisation (`qscale`:
+    quant_scale)."""
     offs = row * H + cols
     if WRITE_NORM:
         tl.store(norm_out_ptr + offs, nf.to(norm_out_ptr.dtype.element_ty), mask=cm)
     if QUANT == QUANT_FP8:
-        tl.store(quant_ptr + offs, e4m3(divide_by(nf, scale_factor)), mask=cm)
+        tl.store(quant_ptr + offs, e4m3(nf * qscale), mask=cm)
     elif QUANT == QUANT_DYNAMIC_FP8:
         tl.store(quant_ptr + offs, e4m3(divide_by(nf, dyn_scale)), mask=cm)
     elif QUANT == QUANT_NVFP4:
-        store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, scale_factor, BLOCK, LAYOUT)
+        store_nvfp4(nf, row, c0, H, quant_ptr, scale_out_ptr, qscale, BLOCK, LAYOUT)
 
 
 @triton.jit
 def finish_row(h, row, cols, cm, H, gw, norm_out_ptr, quant_ptr, scale_out_ptr, eps,
-               scale_factor, WRITE_NORM: tl.constexpr,
+               qscale, WRITE_NORM: tl.constexpr,
                QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
     """RMSNorm + quantisation of a row held whole in registers (one chunk); `gw`:
     load_gamma of the row."""
@@ -207,12 +220,12 @@ def finish_row(h, row, cols, cm, H, gw, norm_out_ptr, quant_ptr, scale_out_ptr, 
     if QUANT == QUANT_DYNAMIC_FP8:
         dyn = dynamic_scale(tl.max(tl.abs(nf), axis=0), row, scale_out_ptr)
     store_normalized(nf, row, 0, cols, cm, H, norm_out_ptr, quant_ptr, scale_out_ptr,
-                     scale_factor, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
+                     qscale, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
 
 
 @triton.jit
 def finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr,
-                       scale_out_ptr, eps, weight_bias, scale_factor,
+                       scale_out_ptr, eps, weight_bias, qscale,
                        WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, LAYOUT: tl.constexpr,
                        BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     """RMSNorm + quantisation of a row already written to residual_out, chunk by chunk."""
@@ -241,13 +254,13 @@ def finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr, quant_
         hf = tl.load(base + cols, mask=cm, other=0).to(tl.float32)
         nf = normalize(hf, load_gamma(gamma_ptr, cols, cm, weight_bias), rstd, DT)
         store_normalized(nf, row, c * BLOCK, cols, cm, H, norm_out_ptr, quant_ptr,
-                         scale_out_ptr, scale_factor, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
+                         scale_out_ptr, qscale, dyn, WRITE_NORM, QUANT, LAYOUT, BLOCK)
 
 
 @triton.jit
 def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, sig, rank, deadline,
                  state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
-                 norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale_factor,
+                 norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, qscale,
                  NORM: tl.constexpr, WRITE_OUTPUT: tl.constexpr, WRITE_NORM: tl.constexpr,
                  QUANT: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
                  NUM_CHUNKS: tl.constexpr, WORLD: tl.constexpr):
@@ -267,7 +280,7 @@ def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, sig, rank, deadli
                         WRITE_OUTPUT, WORLD)
             if NORM:
                 finish_row(h, row, cols, cm, H, gamma_weight(gamma, weight_bias), norm_out_ptr,
-                           quant_ptr, scale_out_ptr, eps, scale_factor, WRITE_NORM, QUANT,
+                           quant_ptr, scale_out_ptr, eps, qscale, WRITE_NORM, QUANT,
                            LAYOUT, BLOCK)
     else:
         for row in range(pid, T, tl.num_programs(0)):
@@ -278,5 +291,5 @@ def process_rows(PRODUCE: tl.constexpr, rot_ptr, stride, T, H, sig, rank, deadli
                         residual_out_ptr, NORM, WRITE_OUTPUT, WORLD)
             if NORM:
                 finish_row_chunked(row, H, residual_out_ptr, gamma_ptr, norm_out_ptr,
-                                   quant_ptr, scale_out_ptr, eps, weight_bias, scale_factor,
+                                   quant_ptr, scale_out_ptr, eps, weight_bias, qscale,
                                    WRITE_NORM, QUANT, LAYOUT, BLOCK, NUM_CHUNKS)

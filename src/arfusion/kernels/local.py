@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import load_residual, load_scale, process_rows, residual_add
+from .epilogue import load_residual, process_rows, quant_scale, residual_add
 from .ptx import release_dependents, wait_for_previous_grid
 
 
@@ -45,7 +45,7 @@ def local_kernel(x_ptr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr, n
     wait_for_previous_grid(USE_PDL)
     if not TRIGGER_AT_END:
         release_dependents(USE_PDL)
-    scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+    scale = quant_scale(scale_ptr, scale_value, QUANT, SCALE_FROM_PTR)
     process_rows(local_chunk, x_ptr, 0, T, H, 0, 0, 0, x_ptr, 0, out_ptr, residual_in_ptr,
                  residual_out_ptr, gamma_ptr, norm_out_ptr, quant_ptr, scale_out_ptr, eps,
                  weight_bias, scale, NORM, WRITE_OUTPUT, WRITE_NORM, QUANT, LAYOUT, BLOCK,

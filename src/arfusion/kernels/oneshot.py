@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import load_residual, load_scale, process_rows, residual_add
+from .epilogue import load_residual, process_rows, quant_scale, residual_add
 from .protocol import (
     HDR_SLOT,
     call_begin,
@@ -94,7 +94,7 @@ def oneshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
         clear_stale(buf_ptr, stale, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)
-        scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        scale = quant_scale(scale_ptr, scale_value, QUANT, SCALE_FROM_PTR)
         process_rows(reduce_chunk, buf_ptr + rot_off, slot_stride, T, H, sig, rank, deadline,
                      state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
                      norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale, NORM,

@@ -7,10 +7,8 @@ Rotation b of every buffer holds the header (N slots of 16 elements), then, at
 offsets from the end of the header:
 
 - scatter, N slots of C elements at [q*C]: sender q's copy of this rank's chunk;
-- gather-h, E elements at [N*C]: the finished h = cast(s + residual) (cast(s)
-  for kAllReduce) at its global element index;
-- gather-s, E elements at [2*N*C], only when a residual pattern also writes
-  `output`: cast(s).
+- gather, E elements at [N*C]: the all-reduced sum cast(s), in the input dtype, at
+  its global element index.
 
 1. Scatter: program 0 writes this call's signature into header slot r of
    rotation b of every rank; for each owner p, this rank stores its elements of
@@ -19,16 +17,16 @@ offsets from the end of the header:
    is reset to the sentinel.
 3. Reduce: the programs split this rank's chunk; each piece is polled in slots
    0..N-1 together (a program's first piece also the N signatures, all equal to
-   its own) until written, summed in rank order in fp32, the residual added
-   elementwise, and h (and cast(s)) stored to the gather regions of every rank.
-4. Finish: program i takes rows i, i+P, ...; it polls the row in gather-h (and
-   gather-s; its first row also the signatures), writes residual_out (output)
-   and runs RMSNorm + quantisation on the whole row locally. Every rank
-   normalises every row from the same h with the same code, so the results are
-   bit-identical across ranks; the all-gather moves only h, never the larger
-   set of finished outputs.
-5. End: N*16 + (2 or 3)*N*C is recorded as rotation b's footprint; the last
-   program bumps the epoch.
+   its own) until written, summed in rank order in fp32, and cast(s) stored to the
+   gather region of every rank.
+4. Finish: program i takes rows i, i+P, ...; it loads its own residual, polls the
+   row in the gather region (its first row also the signatures), writes output and
+   residual_out = cast(cast(s) + residual_in) and runs RMSNorm + quantisation on the
+   whole row locally with its own gamma. Every rank finishes its rows from the same
+   cast(s) with its own tensors, exactly as one-shot does (the all-gather moves only
+   the sum, never a peer's residual or the larger set of finished outputs).
+5. End: N*16 + 2*N*C is recorded as rotation b's footprint; the last program bumps
+   the epoch.
 
 Splitting by elements rather than token rows keeps every rank busy for any
 T >= 1, T < N included. Steps 3 and 4 wait on pieces other programs of the same
@@ -40,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import load_scale, process_rows
+from .epilogue import load_residual, process_rows, quant_scale, residual_add
 from .protocol import (
     HDR_SLOT,
     call_begin,
@@ -61,21 +59,14 @@ from .ptx import release_dependents, wait_for_previous_grid
 def gathered_chunk(rot_ptr, chunk, row, cols, cm, H, check, sig, rank, deadline, state_ptr,
                    err_addr, out_ptr, residual_in_ptr, residual_out_ptr, NORM: tl.constexpr,
                    WRITE_OUTPUT: tl.constexpr, WORLD: tl.constexpr):
-    """Wait for this row chunk in the gather regions; write residual_out (output)."""
-    DT = out_ptr.dtype.element_ty
+    """Wait for this row chunk's cast(s) in the gather region, add this rank's own
+    residual."""
     e = row * H + cols
-    owner = e // chunk
-    h = wait_filled(rot_ptr, WORLD * chunk + e, cm, owner, sig, check, rank, deadline,
-                    state_ptr, err_addr, WORLD).to(DT, bitcast=True)
-    if NORM:
-        tl.store(residual_out_ptr + e, h, mask=cm)
-        if WRITE_OUTPUT:
-            s = wait_filled(rot_ptr, 2 * WORLD * chunk + e, cm, owner, sig, 0, rank,
-                            deadline, state_ptr, err_addr, WORLD)
-            tl.store(out_ptr + e, s.to(DT, bitcast=True), mask=cm)
-    else:
-        tl.store(out_ptr + e, h, mask=cm)
-    return h
+    r = load_residual(row, cols, cm, H, residual_in_ptr, NORM)
+    s = wait_filled(rot_ptr, WORLD * chunk + e, cm, e // chunk, sig, check, rank, deadline,
+                    state_ptr, err_addr, WORLD).to(out_ptr.dtype.element_ty, bitcast=True)
+    return residual_add(s, r, row, cols, cm, H, out_ptr, residual_out_ptr, NORM,
+                        WRITE_OUTPUT)
 
 
 @triton.jit(do_not_specialize=["scale_value", "eps", "weight_bias", "T", "rank",
@@ -115,34 +106,22 @@ def twoshot_kernel(buf_ptr, deltas_ptr, state_ptr, err_addr, rank, buf_stride, t
         clear_stale(buf_ptr, stale, epoch, buf_stride, PUSH_BLOCK)
         if not TRIGGER_AT_END:
             release_dependents(USE_PDL)
-        # 3. Reduce the owned chunk and all-gather h (and cast(s)).
+        # 3. Reduce the owned chunk and all-gather cast(s).
         lo = rank * chunk
         length = tl.minimum(tl.maximum(n - lo, 0), chunk)
         for start in range(pid * PUSH_BLOCK, length, nprog * PUSH_BLOCK):
             offs = start + tl.arange(0, PUSH_BLOCK)
             m = offs < length
-            e = lo + offs
-            r = tl.zeros([PUSH_BLOCK], residual_in_ptr.dtype.element_ty)
-            if NORM:  # loaded before the poll (its latency overlaps the wait), widened after
-                r = tl.load(residual_in_ptr + e, mask=m, other=0)
             s = sum_slots(buf_ptr + rot_off, offs, m, chunk, sig, start == pid * PUSH_BLOCK,
                           rank, deadline, state_ptr, err_addr, WORLD, DT)
-            if NORM:
-                h = (s + r.to(tl.float32)).to(DT)
-                if WRITE_OUTPUT:
-                    store_to_peers(sanitize(s.to(DT).to(IT, bitcast=True), CANON),
-                                   data_off + 2 * WORLD * chunk + e, m, buf_ptr, ds, WORLD)
-            else:
-                h = s.to(DT)
-            store_to_peers(sanitize(h.to(IT, bitcast=True), CANON),
-                           data_off + WORLD * chunk + e, m, buf_ptr, ds, WORLD)
-        # 4. Finish whole rows from the gathered h.
-        scale = load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+            store_to_peers(sanitize(s.to(DT).to(IT, bitcast=True), CANON),
+                           data_off + WORLD * chunk + lo + offs, m, buf_ptr, ds, WORLD)
+        # 4. Finish whole rows from the gathered sum and this rank's own tensors.
+        scale = quant_scale(scale_ptr, scale_value, QUANT, SCALE_FROM_PTR)
         process_rows(gathered_chunk, buf_ptr + rot_off, chunk, T, H, sig, rank, deadline,
                      state_ptr, err_addr, out_ptr, residual_in_ptr, residual_out_ptr, gamma_ptr,
                      norm_out_ptr, quant_ptr, scale_out_ptr, eps, weight_bias, scale, NORM,
                      WRITE_OUTPUT, WRITE_NORM, QUANT, LAYOUT, BLOCK, NUM_CHUNKS, WORLD)
-        regions = 3 if NORM and WRITE_OUTPUT else 2
-        call_end(state_ptr, epoch, WORLD * HDR_SLOT + regions * WORLD * chunk)
+        call_end(state_ptr, epoch, WORLD * HDR_SLOT + 2 * WORLD * chunk)
     if TRIGGER_AT_END:
         release_dependents(USE_PDL)
