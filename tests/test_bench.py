@@ -127,3 +127,38 @@ def test_host_us_takes_turns_and_reports_the_median_block():
     assert set(got) == {"a", "b"} and all(v > 0 for v in got.values())
     assert calls == {"a": 50 + 3 * 10, "b": 50 + 3 * 10}
     assert order == ["a", "b"] * 4  # warm-up, then the blocks alternate
+
+
+def test_flashinfer_rows_merge_agreement_and_hangs_over_ranks():
+    """FlashInfer's rows: the slowest rank's time, differing elements added up over the
+    ranks (norm_out's ulp: the largest), a hang on any rank marks the row hung."""
+    from arfusion.bench import report
+
+    def fi_row(tokens, us, differ=0, ulp=0):
+        return dict(_row("flashinfer oneshot", tokens, us, mode="mps"),
+                    agree={"residual_out": [differ, 100], "norm_out ulp vs reference": [ulp, 0]})
+
+    hung = dict(_row("flashinfer oneshot", 128, float("nan"), mode="mps"), hung=True)
+    merged = report.merge_ranks([[fi_row(16, 5.0, 1, 1), fi_row(128, 7.0)],
+                                 [fi_row(16, 6.0, 2, 0), hung]], 2, "mps")
+    assert merged[0]["us"] == 6.0 and not merged[0]["hung"]
+    assert merged[0]["agree"] == {"residual_out": [3, 200], "norm_out ulp vs reference": [1, 0]}
+    assert merged[1]["hung"]
+    md = bench._markdown(HEADER, merged, {"copy_GBps": 3000.0})
+    assert "| kARResidualRMSNorm | bfloat16 | 4096 | 16 | 6.0 |" in md
+    assert "| kARResidualRMSNorm | bfloat16 | 4096 | 128 | hung |" in md
+    assert "| 16 | - | residual_out 3/200, norm_out ulp vs reference 1 |" in md
+
+
+def test_flashinfer_compare_counts_differing_elements_per_output():
+    from arfusion.bench.flashinfer import compare
+
+    ours = {"output": torch.ones(2, 4, dtype=torch.bfloat16),
+            "residual_out": torch.ones(2, 4, dtype=torch.bfloat16),
+            "quant_out": torch.ones(2, 4).to(torch.float8_e4m3fn),
+            "scale_out": torch.ones(2, 1)}
+    theirs = {k: v.clone() for k, v in ours.items()}
+    theirs["residual_out"][0, 1] = 2.0
+    theirs["quant_out"][1] = torch.zeros(4).to(torch.float8_e4m3fn)
+    got = compare(theirs, ours, {}, 10)  # dynamic FP8: FlashInfer writes no output
+    assert got == {"residual_out": [1, 8], "quant_out": [4, 8], "scale_out": [0, 2]}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import heuristics, testing
+from ..cliargs import dtype_list, dtype_names, pattern_list, positive, positive_list
 from ..patterns import PATTERNS
 from . import report, runs, warm
 from .report import footprints as _footprints  # noqa: F401 - tests and users
@@ -40,40 +41,66 @@ from .timing import copy_gbps
 
 __all__ = ["add_arguments", "main", "tune"]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=int, default=4)
-    p.add_argument("--patterns", type=_int_list, default=sorted(PATTERNS))
-    p.add_argument("--dtype", default="bf16", help="of bf16, fp16, fp32")
-    p.add_argument("--hidden", type=_int_list, default=[4096, 8192])
-    p.add_argument("--tokens", type=_int_list, default=[1, 16, 128, 512, 2048, 8192])
-    p.add_argument("--emulate", type=_int_list, default=None,
+    p.add_argument("--world-size", type=positive, default=4,
+                   help="ranks of the N-rank rows (default 4)")
+    p.add_argument("--patterns", type=pattern_list, default=sorted(PATTERNS),
+                   help="pattern codes, e.g. 1,2,10 (default all supported)")
+    p.add_argument("--dtype", type=dtype_names, default="bf16",
+                   help="of bf16, fp16, fp32, comma-separated (default bf16)")
+    p.add_argument("--hidden", type=positive_list, default=[4096, 8192],
+                   help="hidden sizes (default 4096,8192)")
+    p.add_argument("--tokens", type=positive_list, default=[1, 16, 128, 512, 2048, 8192],
+                   help="token counts (default 1,16,128,512,2048,8192)")
+    p.add_argument("--emulate", type=positive_list, default=None,
                    help="world sizes of the one-GPU N-rank rows (default: --world-size)")
-    p.add_argument("--emulation-tokens", type=_int_list, default=None,
+    p.add_argument("--emulation-tokens", type=positive_list, default=None,
                    help="tokens for the N-rank rows (default: --tokens)")
-    p.add_argument("--backends", default="trtllm,mnnvl")
-    p.add_argument("--calls", type=int, default=8, help="calls per CUDA graph (input sets)")
-    p.add_argument("--replays", type=int, default=25)
+    p.add_argument("--backends", type=_backends, default="trtllm,mnnvl",
+                   help="arfusion backends to time, of trtllm, mnnvl (default both)")
+    p.add_argument("--calls", type=positive, default=8,
+                   help="calls per CUDA graph, each on its own input set (default 8)")
+    p.add_argument("--replays", type=positive, default=25,
+                   help="timed replays of each graph (default 25)")
     p.add_argument("--out", default="bench-out", help="folder for bench.md/.json/.png")
     p.add_argument("--tp-layer", action="store_true", help="also time a TP decoder block")
     p.add_argument("--mps", action="store_true",
                    help="N processes on one GPU under MPS instead of the one-process runs")
+    p.add_argument("--mps-share", type=positive, default=None, metavar="PCT",
+                   help="--mps: each rank process's share of the SMs in percent "
+                        "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; default 100 / world size: "
+                        "FlashInfer's grid spans every SM it sees and spins on its peers)")
     p.add_argument("--processes", action="store_true",
                    help="one process per GPU even at world size 1 (default when there are "
                         "as many GPUs as ranks)")
     p.add_argument("--tune", action="store_true",
                    help="re-derive heuristics.ONESHOT_MAX_BYTES from this run and write it")
-    p.add_argument("--warm", type=int, default=0, metavar="J",
+    p.add_argument("--warm", type=positive, default=0, metavar="J",
                    help="first compile every kernel variant and baseline the run needs in J "
                         "processes (a cold cache otherwise compiles them one by one)")
     p.add_argument("--tune-from", metavar="BENCH_JSON",
                    help="only re-derive the table from an earlier run's bench.json (no GPU)")
+
+
+def _backends(text: str) -> str:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in ("trtllm", "mnnvl") for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from trtllm, mnnvl")
+    return ",".join(names)
+
+
+def _tune_from(path: str) -> int:
+    """--tune-from: the table re-derived from a saved bench.json (no GPU)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        table = tune(saved["rows"], saved["header"]["world_size"], saved["header"],
+                     Path(heuristics.__file__))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise SystemExit(f"--tune-from {path}: not a bench.json of `python -m arfusion "
+                         f"bench` ({type(e).__name__}: {detail})") from None
+    print(f"heuristics.ONESHOT_MAX_BYTES <- {table}")
+    return 0
 
 
 def _merged(by_rank: list[dict], world: int, mode: str) -> tuple[list[dict], list[dict]]:
@@ -107,14 +134,10 @@ def _one_gpu(args, dtypes, backends, copy: float) -> tuple[list[dict], list[dict
 
 def main(args: argparse.Namespace) -> int:
     if args.tune_from:
-        saved = json.loads(Path(args.tune_from).read_text())
-        table = tune(saved["rows"], saved["header"]["world_size"], saved["header"],
-                     Path(heuristics.__file__))
-        print(f"heuristics.ONESHOT_MAX_BYTES <- {table}")
-        return 0
+        return _tune_from(args.tune_from)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dtypes = [DTYPES[d] for d in args.dtype.split(",")]
+    dtypes = dtype_list(args.dtype)
     backends = args.backends.split(",")
     if args.warm > 0:  # before this process (or MPS) touches CUDA
         start = time.perf_counter()
@@ -132,12 +155,18 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     if args.mps:
         # Before this process touches CUDA: the rank processes must be MPS clients.
+        share = args.mps_share or 100 // args.world_size
         with testing.mps_daemon() as running:
             if not running:
                 raise SystemExit("--mps: the MPS control daemon could not be started "
                                  "(needs nvidia-cuda-mps-control and root)")
-            by_rank = testing.run_processes(args.world_size, runs.process_rank, args, dtypes,
-                                            backends, "mps", backend="gloo", timeout_s=3000)
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)  # rank processes'
+            try:
+                by_rank = testing.run_processes(args.world_size, runs.process_rank, args,
+                                                dtypes, backends, "mps", backend="gloo",
+                                                timeout_s=3000)
+            finally:
+                del os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]
         rows, tp = _merged(by_rank, args.world_size, "mps")
         copy = copy_gbps()
     elif not torch.cuda.is_available():
@@ -152,6 +181,8 @@ def main(args: argparse.Namespace) -> int:
         copy = copy_gbps()
         rows, tp = _one_gpu(args, dtypes, backends, copy)
     header = report.header(args.world_size)
+    if args.mps:
+        header["mps_share_percent"] = args.mps_share or 100 // args.world_size
     extras = dict(copy_GBps=copy, host_us=runs.host_costs(dtypes[0]), tp_layer=tp,
                   first_call=runs.cold_start(),
                   footprint=report.footprints(args.world_size, max(args.tokens),

@@ -27,10 +27,20 @@ TITLES = {
 
 
 def merge_ranks(rows_by_rank: list[list[dict]], world: int, mode: str) -> list[dict]:
+    """Rank 0's rows with the slowest rank's time (hung where any rank hung) and, for
+    FlashInfer's rows, every rank's agreement counts added up."""
     merged = []
     for i, row in enumerate(rows_by_rank[0]):
-        merged.append(dict(row, us=max(r[i]["us"] for r in rows_by_rank), world_size=world,
-                           mode=mode))
+        mine = [r[i] for r in rows_by_rank]
+        row = dict(row, us=max(r["us"] for r in mine), world_size=world, mode=mode,
+                   hung=any(r.get("hung", False) for r in mine))
+        if row["hung"]:
+            row.pop("agree", None)
+        elif "agree" in row:
+            row["agree"] = {k: [sum(r["agree"][k][0] for r in mine) if "ulp" not in k
+                                else max(r["agree"][k][0] for r in mine),
+                                sum(r["agree"][k][1] for r in mine)] for k in row["agree"]}
+        merged.append(row)
     return merged
 
 
@@ -46,6 +56,8 @@ def header(world: int) -> dict:
 
 
 def _cell(row: dict) -> str:
+    if row.get("hung"):
+        return "hung"
     if row["mode"] == SIGNATURE:  # tenths of a us matter here
         return f"{row['us']:{'+' if row['method'].endswith('cost') else ''}.2f}"
     text = f"{row['us']:.1f}"
@@ -57,8 +69,10 @@ def _cell(row: dict) -> str:
 
 
 def markdown(header: dict, rows: list[dict], extras: dict) -> str:
+    share = (f", MPS: each rank process {header['mps_share_percent']} % of the SMs"
+             if "mps_share_percent" in header else "")
     lines = [f"### {header['card']} ({header['sms']} SMs), driver {header['driver']}, "
-             f"torch {header['torch']}, triton {header['triton']}, {header['date']}", "",
+             f"torch {header['torch']}, triton {header['triton']}, {header['date']}{share}", "",
              f"Copy bandwidth (device to device, read + write): {extras['copy_GBps']:.0f} GB/s. "
              "Cells: median us per call (max over ranks) [share of the memory roofline: the "
              "time a copy of the bytes the call must move takes, over the measured time].", ""]
@@ -79,6 +93,7 @@ def markdown(header: dict, rows: list[dict], extras: dict) -> str:
             lines.append(f"| {PATTERNS[key[0]].name} | {key[1]} | {key[2]} | {key[3]} | "
                          + " | ".join(vals) + " |")
         lines.append("")
+    lines += _agreement(rows)
     host, fp = extras.get("host_us"), extras.get("footprint")
     notes = []
     if host:
@@ -103,6 +118,25 @@ def markdown(header: dict, rows: list[dict], extras: dict) -> str:
     if notes:
         lines += ["#### Also measured", "", *notes, ""]
     return "\n".join(lines)
+
+
+def _agreement(rows: list[dict]) -> list[str]:
+    """FlashInfer's outputs against arfusion's on the same inputs (every rank's first
+    call, added up): differing elements per output, and norm_out's largest distance
+    from arfusion.reference in ulp."""
+    part = [r for r in rows if "agree" in r]
+    if not part:
+        return []
+    lines = ["#### FlashInfer's outputs against arfusion's, same inputs (differing elements "
+             "/ elements, all ranks; norm_out: largest ulp from arfusion.reference)", "",
+             "| ranks | pattern | dtype | hidden | tokens | strategy | differences |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in part:
+        cells = ", ".join(f"{k} {d}" if "ulp" in k else f"{k} {d}/{n}"
+                          for k, (d, n) in r["agree"].items())
+        lines.append(f"| {r['world_size']} | {PATTERNS[r['pattern']].name} | {r['dtype']} | "
+                     f"{r['hidden']} | {r['tokens']} | {r['strategy']} | {cells} |")
+    return lines + [""]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -159,12 +193,12 @@ def tune(rows: list[dict], world: int, header: dict, path: Path) -> dict[int, in
     def series(r):
         return (r["method"].rsplit(" ", 1)[0], r["pattern"], r["hidden"], r["dtype"])
 
-    twoshot = {(series(r), r["tokens"]): r["us"] for r in rows
-               if r["world_size"] == world and r["method"].endswith("twoshot")}
+    ours = [r for r in rows if r["world_size"] == world and r["method"].startswith("arfusion")]
+    twoshot = {(series(r), r["tokens"]): r["us"] for r in ours
+               if r["method"].endswith("twoshot")}
     oneshot: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["world_size"] == world and r["method"].endswith("oneshot") and \
-                (series(r), r["tokens"]) in twoshot:
+    for r in ours:
+        if r["method"].endswith("oneshot") and (series(r), r["tokens"]) in twoshot:
             oneshot.setdefault(series(r), []).append(r)
     limits = []
     for key, points in oneshot.items():
