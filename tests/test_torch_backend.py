@@ -64,3 +64,21 @@ def test_gloo_processes_match_reference(world_size):
 @pytest.mark.parametrize("world_size", [3, 8])
 def test_ranks_as_threads_with_in_process_backend(world_size):
     _check(run_ranks(world_size, lambda ctx: _rank(ctx.rank, ctx.world_size, ctx.comm)))
+
+
+def test_case_draws_every_rank_its_own_tensors_unless_replicated():
+    """testing.Case: each rank its own residual and gamma (negative gamma too); replicated
+    cases and `shared()` (rank 0's, for callers that pass one set everywhere) agree."""
+    case = Case(1, 3, 64, torch.bfloat16, seed=5)
+    own = [case.own(r) for r in range(3)]
+    assert not torch.equal(own[0]["residual_in"], own[1]["residual_in"])
+    assert not torch.equal(own[1]["rms_gamma"], own[2]["rms_gamma"])
+    assert (own[0]["rms_gamma"] < 0).any() and (own[0]["rms_gamma"] > 0).any()
+    assert torch.equal(case.shared()["residual_in"], own[0]["residual_in"])
+    same = Case(1, 3, 64, torch.bfloat16, seed=5, replicated=True)
+    for r in range(3):
+        assert torch.equal(same.own(r)["residual_in"], own[0]["residual_in"])
+        assert torch.equal(same.own(r)["rms_gamma"], own[0]["rms_gamma"])
+    ref = [case.reference(3, "cpu", r) for r in range(3)]
+    assert torch.equal(ref[0]["output"], ref[2]["output"])  # the sum is the same everywhere
+    assert not torch.equal(ref[0]["residual_out"], ref[2]["residual_out"])

@@ -320,7 +320,13 @@ class Case:
             "layout_code": self.layout_code,
         }
 
-    def reference(self, world_size: int, device: torch.device | str, rank: int):
+    def shared(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """`own(0, device)`: what every rank passes where the ranks pass the same tensors
+        (each calling `case_kwargs` and `reference` with rank 0, as tensor-parallel
+        engines do)."""
+        return self.own(0, device)
+
+    def reference(self, world_size: int, device: torch.device | str = "cpu", rank: int = 0):
         """Rank `rank`'s outputs: every rank's input, that rank's own tensors."""
         inputs = [self.input(r, device) for r in range(world_size)]
         kwargs = self.own(rank, device)
@@ -546,7 +552,7 @@ def case_outputs(case: Case, device: torch.device | str, with_output: bool = Tru
     return out
 
 
-def case_kwargs(case: Case, device: torch.device | str, rank: int) -> dict[str, Any]:
+def case_kwargs(case: Case, device: torch.device | str, rank: int = 0) -> dict[str, Any]:
     """The non-output keyword arguments of `allreduce_fusion` for `case` on `rank`."""
     traits = PATTERNS[case.pattern]
     if not traits.norm:
