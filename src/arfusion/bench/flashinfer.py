@@ -27,7 +27,6 @@ from ..patterns import PATTERNS, Quant
 from ..testing import case_outputs, ulp_distance
 
 HANG_S = 20.0
-STRATEGIES = {True: "oneshot", False: "twoshot"}
 COMPARED = ("output", "residual_out", "norm_out", "quant_out", "scale_out")
 
 

@@ -331,7 +331,7 @@ def _flashinfer_rows(fc, ctx: testing.RankContext, args, dtype, mode: str) -> li
             for oneshot in (True, False):
                 if not oneshot and case.num_tokens <= ctx.world_size:
                     continue
-                method = f"flashinfer {flashinfer.STRATEGIES[oneshot]}"
+                method = f"flashinfer {STRATEGIES[oneshot]}"
                 ctx.comm.barrier()
                 if not fi.finishes(fws, oneshot):
                     print(f"[rank {ctx.rank}] {method} {case.label()} did not finish within "
@@ -343,7 +343,7 @@ def _flashinfer_rows(fc, ctx: testing.RankContext, args, dtype, mode: str) -> li
                 us = time_graph(lambda f=fi, o=oneshot: f.all(fws, o), args.calls,
                                 args.replays, ctx)
                 rows.append(dict(_row(method, case, us, ctx.world_size, mode,
-                                      flashinfer.STRATEGIES[oneshot]), agree=agree,
+                                      STRATEGIES[oneshot]), agree=agree,
                                  memory=memory))
     return rows
 
