@@ -310,8 +310,8 @@ def _flashinfer_rows(fc, ctx: testing.RankContext, args, dtype, mode: str) -> li
     """FlashInfer's trtllm kernels (bench/flashinfer.py), one-shot and two-shot (its
     two-shot needs more tokens than ranks), each case's first call compared with
     arfusion's on the same inputs. A hung case is recorded and ends the rows."""
-    fws, memory = flashinfer.workspace(fc, ctx.rank, ctx.world_size, max(args.tokens),
-                                       max(args.hidden), dtype)
+    fws = flashinfer.workspace(fc, ctx.rank, ctx.world_size, max(args.tokens),
+                               max(args.hidden), dtype)
     rows = []
     with create_allreduce_fusion_workspace(
             "trtllm", world_size=ctx.world_size, rank=ctx.rank,
@@ -321,12 +321,11 @@ def _flashinfer_rows(fc, ctx: testing.RankContext, args, dtype, mode: str) -> li
             calls = _Calls(case, ctx.rank, args.calls)
             fi = flashinfer.Calls(fc, calls, ctx.device)
             ours = case_outputs(case, ctx.device)
-            with ws.compile_only():
-                allreduce_fusion(calls.sets[0][0], ws, case.pattern, **ours,
-                                 **case_kwargs(case, ctx.device, ctx.rank))
+            kw = case_kwargs(case, ctx.device, ctx.rank)
+            with ws.compile_only():  # then every rank runs it: arfusion's outputs to compare
+                allreduce_fusion(calls.sets[0][0], ws, case.pattern, **ours, **kw)
             ctx.comm.barrier()
-            allreduce_fusion(calls.sets[0][0], ws, case.pattern, **ours,
-                             **case_kwargs(case, ctx.device, ctx.rank))
+            allreduce_fusion(calls.sets[0][0], ws, case.pattern, **ours, **kw)
             ref = case.reference(ctx.world_size, ctx.device, ctx.rank)
             for oneshot in (True, False):
                 if not oneshot and case.num_tokens <= ctx.world_size:
@@ -338,13 +337,12 @@ def _flashinfer_rows(fc, ctx: testing.RankContext, args, dtype, mode: str) -> li
                           f"{flashinfer.HANG_S:.0f} s: recorded as hung, no more FlashInfer "
                           "rows", flush=True)
                     return rows + [dict(_row(method, case, float("nan"), ctx.world_size, mode),
-                                        hung=True, memory=memory)]
+                                        hung=True)]
                 agree = flashinfer.compare(fi.out, ours, ref, case.pattern)
                 us = time_graph(lambda f=fi, o=oneshot: f.all(fws, o), args.calls,
                                 args.replays, ctx)
                 rows.append(dict(_row(method, case, us, ctx.world_size, mode,
-                                      STRATEGIES[oneshot]), agree=agree,
-                                 memory=memory))
+                                      STRATEGIES[oneshot]), agree=agree))
     return rows
 
 
