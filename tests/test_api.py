@@ -187,7 +187,8 @@ def test_mnnvl_sizing_per_strategy():
     (dict(world_size=1, rank=0, force_oneshot_support=1), TypeError,
      "force_oneshot_support must be a bool"),
 ])
-def test_bad_workspace_arguments(kwargs, exc, msg):
+def test_bad_workspace_arguments(kwargs, exc, msg, monkeypatch):
+    monkeypatch.setenv("ARFUSION_TIMEOUT_S", "1")  # a rank with peers waits for them first
     args = dict(backend="torch", max_token_num=8, hidden_dim=8, dtype=torch.float16)
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
@@ -294,3 +295,86 @@ def test_without_signature_keeps_its_plans_apart_restores_them_and_nests():
         assert ws.plans == {"b": 2}
         raise KeyError
     assert ws._launch.signed is True and ws.plans == {"a": 1}
+
+
+# Creation is collective: the ranks meet first (bounded), and what one rank got wrong
+# is named on every rank (issue 28).
+def _create_outcome(rank: int, world_size: int, per_rank: dict, timeout_s: float) -> tuple:
+    """Create a torch workspace with rank `rank`'s arguments from `per_rank` (None: this
+    rank never calls); (exception type name or "ok", message, seconds)."""
+    import os
+    import time
+
+    os.environ["ARFUSION_TIMEOUT_S"] = str(timeout_s)
+    kwargs = per_rank.get(rank, {})
+    if kwargs is None:
+        time.sleep(timeout_s + 2)  # alive, never joins
+        return ("absent", "", 0.0)
+    args = dict(backend="torch", world_size=world_size, rank=rank, max_token_num=8,
+                hidden_dim=16, dtype=torch.float16) | kwargs
+    start = time.monotonic()
+    try:
+        ws = create_allreduce_fusion_workspace(**args)
+    except (ValueError, RuntimeError, TypeError) as e:
+        return (type(e).__name__, str(e), time.monotonic() - start)
+    again = create_allreduce_fusion_workspace(**args)  # the group is still usable
+    ws.destroy()
+    again.destroy()
+    return ("ok", "", time.monotonic() - start)
+
+
+def test_creation_names_duplicate_ranks_on_every_rank_over_gloo():
+    from arfusion.testing import run_processes
+
+    got = run_processes(2, _create_outcome, {1: dict(rank=0)}, 8.0)
+    assert got[0][0] == "ValueError" and "duplicate ranks" in got[0][1], got
+    assert "ranks [0, 1] all passed rank=0" in got[0][1]
+    assert got[1][0] == "ValueError" and "do not match" in got[1][1], got
+    assert max(g[2] for g in got) < 8.0
+
+
+@pytest.mark.parametrize("name,value", [("max_token_num", 16), ("hidden_dim", 32),
+                                        ("dtype", torch.bfloat16), ("world_size", 3)])
+def test_creation_names_disagreeing_arguments_on_every_rank_over_gloo(name, value):
+    from arfusion.testing import run_processes
+
+    got = run_processes(2, _create_outcome, {1: {name: value}}, 8.0)
+    if name == "world_size":  # rank 1's own check (against its group) fails first
+        assert got[1][:2] == ("ValueError", "world_size=3, rank=1 do not match the "
+                              "torch.distributed group (size 2, rank 1)"), got
+        got = got[:1]
+    for kind, message, _ in got:
+        assert kind == "ValueError" and f"different {name}" in message, got
+        assert "rank 0: " in message and "rank 1: " in message
+
+
+def test_creation_names_a_peer_with_bad_arguments_and_one_that_never_comes():
+    from arfusion.testing import run_processes
+
+    got = run_processes(2, _create_outcome, {1: dict(gpus_per_node=0)}, 8.0)
+    assert got[1][:2] == ("ValueError", "gpus_per_node must be >= 1, got 0"), got
+    assert got[0][0] == "RuntimeError", got
+    assert "ranks [1] could not create their workspace (rank 1: ValueError: gpus_per_node" \
+        in got[0][1]
+    got = run_processes(2, _create_outcome, {1: None}, 2.0)
+    assert got[0][0] == "RuntimeError" and "ranks [1] did not join" in got[0][1], got
+    assert 2.0 <= got[0][2] < 5.0
+
+
+def test_creation_over_threads_names_mismatches_and_keeps_the_group_usable():
+    def rank_fn(ctx, bad: dict):
+        args = dict(backend="torch", world_size=3, rank=ctx.rank, max_token_num=8,
+                    hidden_dim=16, dtype=torch.float32, comm_backend=ctx.comm)
+        try:
+            create_allreduce_fusion_workspace(**(args | bad.get(ctx.rank, {})))
+        except ValueError as e:
+            failed = str(e)
+        with create_allreduce_fusion_workspace(**args) as ws:
+            return failed, ws.rank
+
+    got = run_ranks(3, rank_fn, {2: dict(dtype=torch.float16)})
+    for rank, (message, ws_rank) in enumerate(got):
+        assert message.startswith(f"rank {rank}: the ranks passed different dtype") and \
+            "rank 2: torch.float16" in message and ws_rank == rank
+    got = run_ranks(3, rank_fn, {1: dict(force_oneshot_support=True)})
+    assert all("different force_oneshot_support" in m for m, _ in got)

@@ -215,15 +215,15 @@ def test_numpy_pattern_none_defaults_and_moe_none_are_accepted():
 
 
 def test_mpi_is_the_rendezvous_under_an_mpi_launcher(monkeypatch):
-    from arfusion import memory
+    from arfusion import comm
 
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     made = []
-    monkeypatch.setattr(memory, "MPIBackend", lambda: made.append(1) or "mpi")
-    assert memory.default_comm(2, None, None) == "mpi" and made == [1]
+    monkeypatch.setattr(comm, "MPIBackend", lambda: made.append(1) or "mpi")
+    assert comm.default_comm(2, None, None) == "mpi" and made == [1]
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     with pytest.raises(ValueError, match="MPI launcher"):
-        memory.default_comm(2, None, None)
+        comm.default_comm(2, None, None)
 
 
 def test_trtllm_workspace_metadata_has_flashinfer_keys():
@@ -238,3 +238,43 @@ def test_trtllm_workspace_metadata_has_flashinfer_keys():
     assert meta == dict(tp_rank=1, tp_size=4, max_token_num=64, hidden_dim=4096,
                         use_fp32_lamport=False, buffer_size=6 << 20, flag_size=0,
                         lamport_comm_size=2 << 20, lamport_buffer_size=6 << 20)
+
+
+def test_mnnvl_workspace_takes_flashinfer_constructor_arguments():
+    """FlashInfer's `MNNVLAllReduceFusionWorkspace(mapping, max_num_tokens=, hidden_dim=,
+    dtype=, buffer_size_in_bytes=, comm_backend=)`, translated (the GPU test builds one)."""
+    from types import SimpleNamespace
+
+    from arfusion.backends.mnnvl import from_mapping_arguments as translate
+    from arfusion.mnnvl import MNNVLAllreduceFusionStrategy as S
+    from arfusion.mnnvl import MNNVLAllReduceFusionWorkspace as W
+
+    m = SimpleNamespace(world_size=4, rank=1, gpus_per_node=4, tp_size=4, tp_rank=1)
+    bf16 = torch.bfloat16
+    want = dict(world_size=4, rank=1, max_token_num=128, hidden_dim=4096, dtype=bf16,
+                comm_backend=None, oneshot_elements=None)
+    assert translate(m, 128, 4096, bf16) == want
+    # FlashInfer's one-shot override: bytes for a one-shot call of 128 x 4096, which
+    # also hold two-shot calls of 256 tokens.
+    one_shot = W.get_required_buffer_size_bytes(4, 128, 4096, bf16, S.ONESHOT)
+    assert translate(m, 128, 4096, bf16, one_shot) == want | dict(
+        max_token_num=256, oneshot_elements=128 * 4096)
+    two_shot = W.get_required_buffer_size_bytes(4, 1024, 4096, bf16, S.TWOSHOT)
+    assert translate(m, 128, 4096, bf16, two_shot) == want | dict(
+        max_token_num=1024, oneshot_elements=512 * 4096)
+    # Bytes alone: elements of bfloat16.
+    assert translate(m, buffer_size_in_bytes=1 << 20) == want | dict(
+        max_token_num=1 << 18, hidden_dim=1, oneshot_elements=1 << 17)
+    for kwargs, exc, match in [
+            (dict(), ValueError, "must be provided if buffer_size_in_bytes"),
+            (dict(max_num_tokens=8, hidden_dim=8), ValueError, "must be provided"),
+            (dict(max_num_tokens=0, hidden_dim=8, dtype=bf16), ValueError, ">= 1, got 0"),
+            (dict(buffer_size_in_bytes=1), ValueError, "holds no call"),
+            (dict(buffer_size_in_bytes=True), ValueError, "positive int"),
+            (dict(max_num_tokens=8, hidden_dim=8, dtype=torch.int8), ValueError, "dtype")]:
+        with pytest.raises(exc, match=match):
+            translate(m, **kwargs)
+    with pytest.raises(TypeError, match="mapping must have int tp_size"):
+        translate(object(), 8, 8, bf16)
+    with pytest.raises(TypeError, match="mapping must have int tp_size"):
+        W(object(), 8, 8, bf16)

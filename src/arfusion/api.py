@@ -9,7 +9,7 @@ from . import heuristics, topology
 from .backends import BACKENDS, workspace_class
 from .comm import CommBackend
 from .validation import FusionCall, reject_moe, validate_call
-from .workspace import LIVE_WORKSPACES, AllReduceFusionWorkspace
+from .workspace import LIVE_WORKSPACES, AllReduceFusionWorkspace, default_timeout_s
 
 PRECOMPILE_ENV = "ARFUSION_PRECOMPILE"
 
@@ -37,15 +37,32 @@ def create_allreduce_fusion_workspace(
     change in the client), the workspace builds the kernel variants its calls may
     need before it is returned (`workspace.precompile()`), not on first use of each.
 
+    With peers, the ranks first meet (bounded by ARFUSION_TIMEOUT_S, default 30 s):
+    duplicate ranks, or ranks that disagree on backend, world_size, max_token_num,
+    hidden_dim, dtype or force_oneshot_support, are a ValueError on every rank; a
+    rank whose own arguments fail raises its error and its peers a RuntimeError
+    naming it; a peer that never comes is a RuntimeError naming it.
+
     Raises ValueError if no backend can serve the request (each one's reason is
     listed) or an argument is invalid; RuntimeError for an unknown backend name.
     """
     if backend != "auto" and backend not in BACKENDS:
         workspace_class(backend)  # raises RuntimeError naming the choices
-    req = topology.make_request(
-        world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
-        comm_backend, force_oneshot_support, group,
-    )
+    error = None
+    try:
+        req = topology.make_request(
+            world_size, rank, max_token_num, hidden_dim, dtype, gpus_per_node,
+            comm_backend, force_oneshot_support, group,
+        )
+    except (TypeError, ValueError) as e:
+        error = e
+    if (comm := topology.rendezvous(world_size, comm_backend, group)) is not None:
+        topology.meet(comm, error, default_timeout_s(), backend=backend,
+                      world_size=comm.Get_size() if world_size is None else world_size,
+                      rank=rank, max_token_num=max_token_num, hidden_dim=hidden_dim,
+                      dtype=str(dtype), force_oneshot_support=force_oneshot_support)
+    if error is not None:
+        raise error
     if backend == "auto":
         reasons = {name: check(req) for name, check in topology.REJECTIONS.items()}
         candidates = [name for name, reason in reasons.items() if reason is None]

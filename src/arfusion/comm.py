@@ -10,10 +10,17 @@
   ranks' backends with `InProcessGroup(world_size).backends()`.
 
 None of these is used on the hot path of `allreduce_fusion`.
+
+Every wait here is bounded: `join` (the first exchange of a workspace creation)
+gives up after `timeout_s` and names the ranks that never came, read from an
+`ArrivalBoard` (each rank posts how far it got before waiting: the process
+group's key-value store, or the in-process group's dict; MPI has neither, so
+there the message cannot name them).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -208,3 +215,120 @@ def bounded(fn: Callable[[], object], timeout_s: float) -> bool:
 
     threading.Thread(target=target, daemon=True).start()
     return done.wait(timeout_s)
+
+
+def default_comm(world_size: int, comm_backend: CommBackend | None, group: Any) -> CommBackend:
+    """The rendezvous to use: comm_backend, else the torch.distributed group, else MPI's
+    COMM_WORLD when running under an MPI launcher, else (one rank) a group of one."""
+    if comm_backend is not None:
+        return comm_backend
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchDistBackend(group)
+    if world_size == 1:
+        return InProcessGroup(1).backends()[0]
+    if any(v in os.environ for v in MPI_ENV):
+        return MPIBackend()
+    raise ValueError(
+        f"world_size={world_size} needs comm_backend, an initialised torch.distributed "
+        "process group or an MPI launcher for the rendezvous"
+    )
+
+
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+class ArrivalBoard:
+    """Which step each rank has reached: `post(seq)` before waiting, `behind(seq)`
+    lists the ranks that have not reached step `seq`. Over a torch.distributed
+    key-value store, or a dict shared by ranks that are threads of one process."""
+
+    def __init__(self, store: Any, prefix: str, rank: int, world_size: int):
+        self._store, self._prefix, self._rank, self._world = store, prefix, rank, world_size
+
+    def post(self, seq: int) -> None:
+        self._set(f"{self._prefix}/{self._rank}", seq)
+
+    def behind(self, seq: int) -> list[int]:
+        return [r for r in range(self._world) if self._get(f"{self._prefix}/{r}") < seq]
+
+    def _set(self, key: str, seq: int) -> None:
+        if isinstance(self._store, dict):
+            self._store[key] = seq
+        else:
+            self._store.set(key, str(seq))
+
+    def _get(self, key: str) -> int:
+        if isinstance(self._store, dict):
+            return self._store.get(key, -1)
+        return int(self._store.get(key)) if self._store.check([key]) else -1
+
+
+def arrival_board(comm: CommBackend, prefix: str) -> ArrivalBoard | None:
+    """`comm`'s arrival board under `prefix` (which must name the group), or None
+    where there is no store to post on (MPI, a user's own CommBackend)."""
+    if isinstance(comm, InProcessBackend):
+        store = comm.group.arrivals
+    elif isinstance(comm, TorchDistBackend):
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+    else:
+        return None
+    return ArrivalBoard(store, prefix, comm.Get_rank(), comm.Get_size())
+
+
+def group_key(comm: CommBackend) -> str:
+    """A name of `comm`'s group that every member computes alike (arrival-board keys)."""
+    if isinstance(comm, InProcessBackend):
+        return f"threads-{id(comm.group):x}"
+    if isinstance(comm, TorchDistBackend):
+        members = comm._dist.get_process_group_ranks(comm.group)
+        return "ranks-" + "-".join(str(members[i]) for i in comm._order)
+    return type(comm).__name__
+
+
+# Workspace creations so far, per group and rank: the steps on the arrival board.
+_JOINS: dict[tuple[str, int], int] = {}
+
+
+def join(comm: CommBackend, ticket: Any, timeout_s: float) -> tuple[Any, ...]:
+    """Every rank's `ticket` (workspace creation's first exchange), waiting at most
+    `timeout_s`: RuntimeError naming the ranks that never came (a peer that failed
+    before it got here, or was never started). Later creations on the group stay
+    usable only if every rank took part in this one."""
+    key = group_key(comm)
+    mine = (key, comm.Get_rank())  # ranks may be threads of this process
+    step = _JOINS[mine] = _JOINS.get(mine, 0) + 1
+    board = arrival_board(comm, f"arfusion/join/{key}")
+    if board is not None:
+        board.post(step)
+    got: list[Any] = []
+    device = _cuda_device()
+
+    def exchange() -> None:
+        if device is not None:  # NCCL object collectives run on the current device
+            import torch
+
+            torch.cuda.set_device(device)
+        got.extend(comm.allgather(ticket))
+
+    if bounded(exchange, timeout_s):
+        return tuple(got)
+    rank = comm.Get_rank()
+    if board is None:
+        what = "not every rank joined the workspace creation"
+    elif behind := board.behind(step):
+        what = (f"ranks {behind} did not join the workspace creation (they failed before "
+                "it, or were never started)")
+    else:
+        what = ("every rank reached the workspace creation, but the exchange did not "
+                "complete (a peer exited or its process group broke)")
+    raise RuntimeError(f"rank {rank}: {what} within {timeout_s:g} s; no workspace was created")
+
+
+def _cuda_device() -> int | None:
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None

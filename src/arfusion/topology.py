@@ -7,13 +7,14 @@ sentence saying why not. `"auto"` collects them; if nothing can serve, the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .comm import CommBackend, is_in_process
+from .comm import CommBackend, TorchDistBackend, default_comm, is_in_process, join
 from .patterns import SUPPORTED_DTYPES
 
 TRTLLM_MAX_RANKS = 16
@@ -112,6 +113,64 @@ def make_request(
                    comm_backend, force_oneshot_support, group)
 
 
+# What every rank must pass alike to create_allreduce_fusion_workspace.
+AGREED = ("backend", "world_size", "max_token_num", "hidden_dim", "dtype",
+          "force_oneshot_support")
+
+
+def rendezvous(world_size: object, comm_backend: object, group: Any) -> CommBackend | None:
+    """The group the ranks meet in at creation, or None where there is none to meet
+    (one rank, or no way to reach the peers: make_request or the backend says why)."""
+    if comm_backend is not None:
+        comm = comm_backend if isinstance(comm_backend, CommBackend) else None
+    elif _dist_group_info(group) is not None:
+        comm = TorchDistBackend(group)
+    elif isinstance(world_size, int) and world_size > 1:
+        try:
+            comm = default_comm(world_size, None, group)
+        except ValueError:
+            comm = None
+    else:
+        comm = None
+    return comm if comm is not None and comm.Get_size() > 1 else None
+
+
+def meet(comm: CommBackend, error: Exception | None, timeout_s: float, **args: object) -> None:
+    """Creation's first exchange (bounded: `comm.join`). A rank whose own arguments
+    failed (`error`) still takes part, so that its peers can name it, and returns to
+    raise its own error (also when its peers never came); the others raise alike:
+    ValueError if two ranks claim one rank or the ranks disagree on an argument in
+    AGREED, else RuntimeError naming the failed peers. Arguments that are no plain
+    values travel as their repr."""
+    plain = {k: v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+             for k, v in args.items()}
+    if plain["rank"] is None:
+        plain["rank"] = comm.Get_rank()
+    plain["error"] = None if error is None else f"{type(error).__name__}: {error}"
+    if error is not None:
+        with contextlib.suppress(RuntimeError):
+            join(comm, plain, timeout_s)
+        return
+    tickets = join(comm, plain, timeout_s)
+    me = comm.Get_rank()
+    claims = [t["rank"] for t in tickets]
+    if dup := sorted({c for c in claims if claims.count(c) > 1}, key=str):
+        twice = "; ".join(f"ranks {[r for r, c in enumerate(claims) if c == d]} all passed "
+                          f"rank={d!r}" for d in dup)
+        raise ValueError(f"rank {me}: duplicate ranks at workspace creation: {twice} "
+                         "(each rank must pass its own rank)")
+    for name in AGREED:
+        if len({repr(t[name]) for t in tickets}) > 1:
+            each = ", ".join(f"rank {r}: {t[name]}" for r, t in enumerate(tickets))
+            raise ValueError(f"rank {me}: the ranks passed different {name} to "
+                             f"create_allreduce_fusion_workspace ({each}); every rank must "
+                             f"pass the same {', '.join(AGREED)}")
+    if failed := [(r, t["error"]) for r, t in enumerate(tickets) if t["error"] is not None]:
+        each = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise RuntimeError(f"rank {me}: ranks {[r for r, _ in failed]} could not create "
+                           f"their workspace ({each}); no workspace was created")
+
+
 def _gpu_stack_missing() -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
@@ -149,7 +208,7 @@ def mnnvl_rejection(req: Request) -> str | None:
     POSIX file-descriptor handles."""
     if (reason := _gpu_stack_missing()) is not None:
         return reason
-    from .memory import default_comm
+    from .comm import default_comm
     from .memory.cumem import device_supports, fabric_supported
 
     device = torch.device("cuda", torch.cuda.current_device())

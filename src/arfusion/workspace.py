@@ -29,6 +29,14 @@ DEFAULT_TIMEOUT_S = 30.0
 TIMEOUT_ENV = "ARFUSION_TIMEOUT_S"
 
 
+def default_timeout_s() -> float:
+    """The wait bound of calls, creation and destroy(): env ARFUSION_TIMEOUT_S, default 30 s."""
+    value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {value}")
+    return value
+
+
 class MNNVLAllreduceFusionStrategy(enum.Enum):
     """FlashInfer's strategy enum (`flashinfer.comm.trtllm_mnnvl_ar`)."""
 
@@ -126,7 +134,7 @@ class AllReduceFusionWorkspace(abc.ABC):
     @timeout_s.setter
     def timeout_s(self, value: float | None) -> None:
         if value is None:
-            value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+            value = default_timeout_s()
         if not value > 0:
             raise ValueError(f"timeout_s must be > 0, got {value}")
         self._timeout_s = float(value)

@@ -98,3 +98,41 @@ def test_default_sizing_is_strategy_aware():
         assert footprint == sizing.buffer_bytes(
             4, e, MNNVLAllReduceFusionWorkspace.oneshot_capacity(4, e, torch.bfloat16, False),
             torch.bfloat16)
+
+
+def _flashinfer_constructor_rank(ctx):
+    """FlashInfer's own constructor form (a mapping, FlashInfer's keyword names, its
+    one-shot buffer override) gives a workspace that computes what arfusion's does."""
+    from types import SimpleNamespace
+
+    mapping = SimpleNamespace(world_size=ctx.world_size, rank=ctx.rank, gpus_per_node=8,
+                              tp_size=ctx.world_size, tp_rank=ctx.rank)
+    dtype, hidden = torch.bfloat16, 1536
+    one_shot = MNNVLAllReduceFusionWorkspace.get_required_buffer_size_bytes(
+        ctx.world_size, 48, hidden, dtype, MNNVLAllreduceFusionStrategy.ONESHOT)
+    made = [MNNVLAllReduceFusionWorkspace(mapping, max_num_tokens=48, hidden_dim=hidden,
+                                          dtype=dtype, comm_backend=ctx.comm),
+            MNNVLAllReduceFusionWorkspace(mapping, 48, hidden, dtype, one_shot, ctx.comm)]
+    out = []
+    for ws in made:
+        with ws:
+            case = Case(P.kARResidualRMSNorm, 48, hidden, dtype, seed=9)
+            runs = [(case, dict(use_oneshot=True)), (case, dict(use_oneshot=False))]
+            fits = [ws.is_buffer_size_sufficient(ctx.world_size, 48, hidden, dtype, s)
+                    for s in (MNNVLAllreduceFusionStrategy.ONESHOT,
+                              MNNVLAllreduceFusionStrategy.TWOSHOT)]
+            ok = []
+            if fits[0]:
+                precompile_cases(ws, runs, ctx.rank, CUDA, ctx.comm)
+                ok = [run_case(ws, c, ctx.rank, ctx.world_size, CUDA, comm=ctx.comm,
+                               **kw).check.ok for c, kw in runs]
+            out.append((ws.rank, ws.world_size, ws.max_token_num, fits, ok))
+    return out
+
+
+def test_flashinfer_constructor_form():
+    for rank, got in enumerate(run_ranks(4, _flashinfer_constructor_rank, device=CUDA)):
+        default, override = got
+        assert default[:3] == (rank, 4, 48) and default[3][1]
+        # One-shot bytes for 48 tokens at 4 ranks hold two-shot calls of 96.
+        assert override[:4] == (rank, 4, 96, [True, True]) and override[4] == [True, True]

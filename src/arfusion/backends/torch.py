@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from .. import reference, signature
-from ..comm import CommBackend, InProcessBackend, TorchDistBackend, bounded, is_in_process
+from ..comm import (
+    ArrivalBoard,
+    CommBackend,
+    TorchDistBackend,
+    arrival_board,
+    bounded,
+    is_in_process,
+)
 from ..topology import Request
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
@@ -45,33 +52,6 @@ def write_outputs(call: FusionCall, results: dict[str, torch.Tensor]) -> None:
         if dst is not None:
             src = results[name].reshape(-1)
             dst.reshape(-1)[: src.numel()].copy_(src)
-
-
-class _ArrivalBoard:
-    """Which call each rank has reached: `post(seq)` before waiting, `behind(seq)`
-    lists the ranks that have not reached call `seq`. Over the process group's
-    key-value store, or a dict shared by ranks that are threads of one process;
-    None where neither exists (MPI)."""
-
-    def __init__(self, store: Any, prefix: str, rank: int, world_size: int):
-        self._store, self._prefix, self._rank, self._world = store, prefix, rank, world_size
-
-    def post(self, seq: int) -> None:
-        self._set(f"{self._prefix}/{self._rank}", seq)
-
-    def behind(self, seq: int) -> list[int]:
-        return [r for r in range(self._world) if self._get(f"{self._prefix}/{r}") < seq]
-
-    def _set(self, key: str, seq: int) -> None:
-        if isinstance(self._store, dict):
-            self._store[key] = seq
-        else:
-            self._store.set(key, str(seq))
-
-    def _get(self, key: str) -> int:
-        if isinstance(self._store, dict):
-            return self._store.get(key, -1)
-        return int(self._store.get(key)) if self._store.check([key]) else -1
 
 
 class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
@@ -113,18 +93,9 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
             self._board = self._arrival_board()
         self._mark_ready()
 
-    def _arrival_board(self) -> _ArrivalBoard | None:
+    def _arrival_board(self) -> ArrivalBoard | None:
         comm = self._comm if self._comm is not None else TorchDistBackend(self._group)
-        prefix = f"arfusion/{comm.bcast(uuid.uuid4().hex, 0)}"
-        if isinstance(comm, InProcessBackend):
-            store = comm.group.arrivals
-        elif isinstance(comm, TorchDistBackend):
-            from torch.distributed import distributed_c10d
-
-            store = distributed_c10d._get_default_store()
-        else:
-            return None
-        return _ArrivalBoard(store, prefix, self.rank, self.world_size)
+        return arrival_board(comm, f"arfusion/{comm.bcast(uuid.uuid4().hex, 0)}")
 
     @classmethod
     def create(cls, req: Request) -> TorchAllReduceFusionWorkspace:

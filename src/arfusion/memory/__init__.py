@@ -35,20 +35,12 @@ What is kept stays referenced in `ABANDONED` until the process exits.
 from __future__ import annotations
 
 import abc
-import os
 import socket
 from typing import Any
 
 import torch
 
-from ..comm import (
-    CommBackend,
-    InProcessGroup,
-    MPIBackend,
-    TorchDistBackend,
-    bounded,
-    is_in_process,
-)
+from ..comm import CommBackend, bounded, default_comm, is_in_process
 
 # Buffers closed without meeting every peer: what was not safe to free stays here.
 ABANDONED: list[SymmetricBuffer] = []
@@ -118,28 +110,6 @@ def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
     """How many ranks of `comm` (this one included) use this rank's GPU (collective)."""
     me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
     return comm.allgather(me).count(me)
-
-
-MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-
-
-def default_comm(world_size: int, comm_backend: CommBackend | None, group: Any) -> CommBackend:
-    """The rendezvous to use: comm_backend, else the torch.distributed group, else MPI's
-    COMM_WORLD when running under an MPI launcher, else (one rank) a group of one."""
-    if comm_backend is not None:
-        return comm_backend
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return TorchDistBackend(group)
-    if world_size == 1:
-        return InProcessGroup(1).backends()[0]
-    if any(v in os.environ for v in MPI_ENV):
-        return MPIBackend()
-    raise ValueError(
-        f"world_size={world_size} needs comm_backend, an initialised torch.distributed "
-        "process group or an MPI launcher for the rendezvous"
-    )
 
 
 def open_buffer(
