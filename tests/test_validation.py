@@ -55,8 +55,11 @@ CASES = [
     ("pattern unsupported", 6, {}, ValueError, r"pattern 6 \(kMoEReductionARResidualRMSNorm\)"),
     ("pattern unknown", 42, {}, ValueError, "pattern must be one of"),
     ("pattern not int", "1", {}, TypeError, "pattern must be an AllReduceFusionPattern"),
-    ("residual missing", 1, dict(residual_in=DROP), ValueError, "residual_in is required"),
-    ("gamma missing", 1, dict(rms_gamma=DROP), ValueError, "rms_gamma is required"),
+    # Both phrasings FlashInfer's messages use (its own tests match "requires residual_in").
+    ("residual missing", 1, dict(residual_in=DROP), ValueError, "requires residual_in"),
+    ("residual missing", 4, dict(residual_in=DROP), ValueError, "residual_in is required"),
+    ("gamma missing", 1, dict(rms_gamma=DROP), ValueError, "requires rms_gamma"),
+    ("gamma missing", 3, dict(rms_gamma=DROP), ValueError, "rms_gamma is required"),
     ("residual shape", 1, dict(residual_in=torch.randn(T, H + 1).to(BF)), ValueError,
      r"residual_in must have shape \[4, 32\]"),
     ("residual dtype", 1, dict(residual_in=torch.randn(T, H).half()), ValueError,

@@ -313,7 +313,8 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     if traits.norm:
         for name in ("residual_in", "rms_gamma"):
             if a[name] is None:
-                raise ValueError(f"{name} is required for pattern {traits.name}")
+                raise ValueError(f"pattern {traits.name} requires {name} ({name} is "
+                                 "required for its residual add and RMSNorm)")
         check_tensor("residual_in", a["residual_in"], dtypes=same, shape=row, device=device)
         check_tensor("rms_gamma", a["rms_gamma"], dtypes=SUPPORTED_DTYPES, shape=(h,),
                      device=device)
