@@ -160,5 +160,9 @@ def test_flashinfer_compare_counts_differing_elements_per_output():
     theirs = {k: v.clone() for k, v in ours.items()}
     theirs["residual_out"][0, 1] = 2.0
     theirs["quant_out"][1] = torch.zeros(4).to(torch.float8_e4m3fn)
-    got = compare(theirs, ours, {}, 10)  # dynamic FP8: FlashInfer writes no output
-    assert got == {"residual_out": [1, 8], "quant_out": [4, 8], "scale_out": [0, 2]}
+    want = {"residual_out": [1, 8], "quant_out": [4, 8], "scale_out": [0, 2]}
+    theirs["output"][:] = float("nan")  # FlashInfer writes no all-reduce output there
+    for pattern in (1, 2, 10):
+        assert compare(theirs, ours, {}, pattern) == want
+    theirs["output"][0, 0] = 1.0
+    assert compare(theirs, ours, {}, 0)["output"] == [7, 8]
