@@ -4,18 +4,18 @@
 `use_oneshot=None` picks one-shot; above it two-shot moves fewer bytes per rank
 (one-shot sends N-1 copies of the whole input, two-shot about two).
 
-World size 2 was measured: two H200s over NVLink (NV18), one process each,
-`python -m arfusion bench --world-size 2 --patterns 1,2 --hidden 4096,8192 --tokens
-64,128,256,512,1024,2048 --tune` (docs/benchmarks.md run K, 2026-11-26): one-shot is
-faster up to 2 MiB per rank and within 3 % at 4 MiB; at 8 MiB (1024 x 4096 bf16) two-shot
-took 39.7 us against 45.1. Hopper's NVLink is the same on the H100. The other sizes
-still start from vLLM's published H100 (compute capability 9.0) one-shot thresholds
-for FlashInfer's Lamport all-reduce fusion, the same protocol family (vLLM's
-`_FI_ALLREDUCE_ONE_SHOT_MAX_SIZES_MB`: 2 MB at 4 ranks, 0.5 MB at 8; 32 MB at 2, which
-the measurement replaced); 3 ranks take 4's value and 16 take 8's. The same table
-sizes the mnnvl workspace's one-shot part (SPEC: one-shot up to the heuristic
-threshold unless `force_oneshot_support`). World size 1 runs the local kernel
-whatever the strategy.
+World size 2 was measured: two H200s over NVLink (NV18), one process each, `python -m
+arfusion bench --world-size 2 --patterns 1,2 --hidden 4096,8192 --tokens
+64,128,256,512,1024,2048 --tune` (docs/history/benchmarks-2026-11.md, run K,
+2026-11-26): one-shot is faster up to 2 MiB per rank and within 3 % at 4 MiB; at 8 MiB
+(1024 x 4096 bf16) two-shot took 39.7 us against 45.1. Hopper's NVLink is the same on
+the H100. The other sizes still start from vLLM's published H100 (compute capability
+9.0) one-shot thresholds for FlashInfer's Lamport all-reduce fusion, the same protocol
+family (vLLM's `_FI_ALLREDUCE_ONE_SHOT_MAX_SIZES_MB`: 2 MB at 4 ranks, 0.5 MB at 8; 32
+MB at 2, which the measurement replaced); 3 ranks take 4's value and 16 take 8's. The
+same table sizes the mnnvl workspace's one-shot part (SPEC: one-shot up to the heuristic
+threshold unless `force_oneshot_support`). World size 1 runs the local kernel whatever
+the strategy.
 
 `prefer_backend`: trtllm and mnnvl run the same kernels and measured within noise
 of each other at world size 1 and in emulation, so within a node the choice is

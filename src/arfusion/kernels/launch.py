@@ -42,9 +42,8 @@ MAX_BLOCK = 8192  # widest row chunk held in registers
 # (NVFP4, or FP8 next to norm_out): an 8192-wide chunk takes 73-106 registers a thread at
 # 16 warps (Triton 3.6, scripts/compile_check.py), so one program per SM; two chunks of
 # 4096 take 40-55 (the row goes through residual_out and is re-read from L2), two
-# programs per SM. Measured on an H100 (hidden 8192): 8-17 % faster from 133 tokens
-# to 8192, 0.2-1.1 us slower at 1 and 128, so only for more rows than programs fit at
-# once. (The N-rank kernels hold one program per SM either way: 5-14 % slower.)
+# programs per SM: faster when there are more rows than programs fit at once, slower
+# below, so only then. (The N-rank kernels hold one program per SM either way.)
 MAX_QUANT_BLOCK = 4096
 # World size 1, more rows than programs fit at once: three 16-warp programs share an SM
 # with at most 40 registers a thread (65536 / 1536, allocated in eights). The compiler
@@ -154,8 +153,7 @@ class Launcher:
         n = t * h
         many_live = traits.quant == Quant.NVFP4 or (traits.quant != Quant.NONE and traits.norm_out)
         # One-shot at 8+ ranks with a residual polls 8+ slots of a chunk at once: 8192
-        # columns spilled there (260 B), 4096 did not and measured 0.2-3.6 us faster at
-        # 1-16 tokens x 8192 (H100, emulated, 2026-11-25); kAllReduce keeps 8192.
+        # columns spilled there, 4096 did not and is faster; kAllReduce keeps 8192.
         narrow = oneshot and res.world_size >= 8 and traits.norm
         widest = (MAX_QUANT_BLOCK if narrow or many_live and res.world_size == 1
                   and t > res.max_programs else MAX_BLOCK)

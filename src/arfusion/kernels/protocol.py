@@ -20,8 +20,7 @@ bit-exact.
 Signature. In call k, program 0 of rank r writes the call's signature
 (`arfusion.signature`: tokens, hidden size, dtype, pattern, strategy, k) into
 header slot r of rotation k % 3 of every rank: one-shot right after its first
-data piece (written before it, the bench's signature rows measured +0.28 to +0.30 us
-at N = 2 x 4096, 1 token, against +0.14 to +0.18, emulated on an H100, docs run L;
+data piece (written before it, the signature cost about twice as much at 1 token;
 written after its whole share, it held every reader back until program 0 had pushed
 all of it), two-shot before its scatter. Five
 16-bit fields of 15 bits (so a written field never has the sentinel's top bit) in
@@ -32,9 +31,8 @@ after its data in every spin (two lanes per rank: their reduction stays within a
 warp up to 16 ranks) and uses no value before every slot has arrived equal to its
 own signature; the fields of a word may land apart, so a word counts as arrived
 once none of its fields has the top bit. Its other polls branch to a spin with no
-header code at all. Measured against one spin for both with the header masked off
-(same process, emulated, 1024 x 8192): 4-5 % faster at N = 2, 4, 8, timing-only
-launches included; the header loaded before the data instead cost 8 % at N = 2.
+header code at all: faster than one spin for both with the header masked off, and
+than loading the header before the data.
 A launch with SIG_MISC = NO_SIGNATURE neither writes nor reads the header (the
 bench's timing-only variant, which measures what the signature costs).
 A slot that arrives different stops the program at once: the signatures it saw
@@ -391,8 +389,8 @@ def call_begin(state_ptr, timeout_us, ds, rank, WORLD: tl.constexpr):
     and footprint not negative, this rank's own offset 0. Those always hold; the test
     reads every first load, so ptxas issues them all before the branch (it sinks a
     load used only past a branch below it: the counter, footprints and peer offsets
-    went out one round trip after the abort flag, and ld.volatile, which keeps loads
-    in place, made 2-GPU calls 1.2 us slower)."""
+    went out one round trip after the abort flag; ld.volatile, which keeps loads in
+    place, is slower)."""
     epoch = tl.load(state_ptr + STATE_EPOCH)
     aborted = tl.load(state_ptr + STATE_ABORT)
     u0 = tl.load(state_ptr + STATE_USED)
