@@ -3,6 +3,9 @@
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def test_demo_runs_every_pattern_and_passes():
     proc = subprocess.run([sys.executable, "-m", "arfusion", "demo"], capture_output=True,
@@ -48,13 +51,16 @@ def test_version_and_legend():
     assert "ulp        largest norm_out distance" in run.stdout
 
 
-def test_torchrun_example_runs_as_written():
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "examples/torchrun_example.py"],
+@pytest.mark.parametrize("launcher", [
+    [], ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]],
+    ids=["python", "torchrun"])
+def test_two_ranks_example_runs_as_written(launcher):
+    proc = subprocess.run([sys.executable, *launcher, "examples/two_ranks.py"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    backend = "trtllm" if torch.cuda.device_count() >= 2 else "torch"
     for rank in (0, 1):
-        assert f"rank {rank}/2: backend torch, residual_out bit-exact: True" in proc.stdout
+        assert f"rank {rank}/2: backend {backend}, residual_out bit-exact: True" in proc.stdout
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -96,3 +102,13 @@ def test_every_cli_option_has_help():
         add(parser)
         bare = [a.option_strings for a in parser._actions if a.help is None]
         assert bare == [], bare
+
+
+def test_readme_usage_runs_as_written():
+    from pathlib import Path
+
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    usage = readme.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", usage + "\nprint(out is normed)"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True"], proc.stderr

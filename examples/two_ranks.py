@@ -1,14 +1,17 @@
-"""arfusion under torchrun, one process per rank:
+"""arfusion on two ranks, one process each, run either way:
 
-    torchrun --standalone --nproc-per-node 2 examples/torchrun_example.py
+    python examples/two_ranks.py                     # starts its own 2 processes
+    torchrun --standalone --nproc-per-node 2 examples/two_ranks.py
 
 With a GPU per rank it uses backend "auto" (trtllm over PyTorch symmetric memory,
 NCCL process group); otherwise the portable "torch" backend over gloo. Each rank
 all-reduces its partial sums, adds the residual and RMS-normalises in one call, and
-checks the result against arfusion.reference.
+checks the result against arfusion.reference. Every wait (creation included) gives up
+after ARFUSION_TIMEOUT_S seconds (default 30) if a peer never comes.
 """
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,7 @@ def partial_sums(rank: int, device: torch.device) -> torch.Tensor:
 
 
 def main() -> None:
+    """One rank; torchrun (or `spawn` below) has set RANK, WORLD_SIZE and the rendezvous."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus >= world:
@@ -62,5 +66,19 @@ def main() -> None:
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
+def _spawned(rank: int, world: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     main()
+
+
+def spawn(world: int = 2) -> None:
+    """Start `world` processes on this machine, as torchrun would."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.multiprocessing.spawn(_spawned, args=(world,), nprocs=world)
+
+
+if __name__ == "__main__":
+    main() if "RANK" in os.environ else spawn()

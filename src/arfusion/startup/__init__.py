@@ -1,0 +1,1 @@
+"""Not imported: the folder put on PYTHONPATH for the flashinfer.comm opt-in."""
