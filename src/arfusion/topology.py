@@ -113,11 +113,6 @@ def make_request(
                    comm_backend, force_oneshot_support, group)
 
 
-# What every rank must pass alike to create_allreduce_fusion_workspace.
-AGREED = ("backend", "world_size", "max_token_num", "hidden_dim", "dtype",
-          "force_oneshot_support")
-
-
 def rendezvous(world_size: object, comm_backend: object, group: Any) -> CommBackend | None:
     """The group the ranks meet in at creation, or None where there is none to meet
     (one rank, or no way to reach the peers: make_request or the backend says why)."""
@@ -139,8 +134,8 @@ def meet(comm: CommBackend, error: Exception | None, timeout_s: float, **args: o
     """Creation's first exchange (bounded: `comm.join`). A rank whose own arguments
     failed (`error`) still takes part, so that its peers can name it, and returns to
     raise its own error (also when its peers never came); the others raise alike:
-    ValueError if two ranks claim one rank or the ranks disagree on an argument in
-    AGREED, else RuntimeError naming the failed peers. Arguments that are no plain
+    ValueError if two ranks claim one rank or disagree on any other argument in
+    `args`, else RuntimeError naming the failed peers. Arguments that are no plain
     values travel as their repr."""
     plain = {k: v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
              for k, v in args.items()}
@@ -159,12 +154,13 @@ def meet(comm: CommBackend, error: Exception | None, timeout_s: float, **args: o
                           f"rank={d!r}" for d in dup)
         raise ValueError(f"rank {me}: duplicate ranks at workspace creation: {twice} "
                          "(each rank must pass its own rank)")
-    for name in AGREED:
+    agreed = [name for name in args if name != "rank"]
+    for name in agreed:
         if len({repr(t[name]) for t in tickets}) > 1:
             each = ", ".join(f"rank {r}: {t[name]}" for r, t in enumerate(tickets))
-            raise ValueError(f"rank {me}: the ranks passed different {name} to "
-                             f"create_allreduce_fusion_workspace ({each}); every rank must "
-                             f"pass the same {', '.join(AGREED)}")
+            raise ValueError(f"rank {me}: the ranks passed different {name} to the "
+                             f"workspace creation ({each}); every rank must pass the same "
+                             f"{', '.join(agreed)}")
     if failed := [(r, t["error"]) for r, t in enumerate(tickets) if t["error"] is not None]:
         each = "; ".join(f"rank {r}: {e}" for r, e in failed)
         raise RuntimeError(f"rank {me}: ranks {[r for r, _ in failed]} could not create "

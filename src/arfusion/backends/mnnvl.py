@@ -22,8 +22,8 @@ import torch
 from .. import heuristics, sizing
 from ..comm import CommBackend, default_comm
 from ..memory.cumem import CuMemBuffer
-from ..topology import Request, make_request
-from ..workspace import MNNVLAllreduceFusionStrategy
+from ..topology import Request, make_request, meet
+from ..workspace import MNNVLAllreduceFusionStrategy, default_timeout_s
 from .symmetric import SymmetricWorkspace
 
 
@@ -39,7 +39,14 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
     def __init__(self, *args: Any, **kwargs: Any):
         first = args[0] if args else kwargs.get("mapping")
         if first is not None and not isinstance(first, int) and "world_size" not in kwargs:
-            self._create(**from_mapping_arguments(*args, **kwargs))
+            native = from_mapping_arguments(*args, **kwargs)
+            # Clients that construct it directly (vLLM) meet as create_allreduce_fusion_
+            # workspace's callers do: bounded, duplicate ranks and mismatches named.
+            comm = default_comm(native["world_size"], native["comm_backend"], None)
+            if comm.Get_size() > 1:
+                meet(comm, None, default_timeout_s(), backend=self.backend,
+                     **{k: v for k, v in native.items() if k != "comm_backend"})
+            self._create(**native)
         else:
             self._create(*args, **kwargs)
 
