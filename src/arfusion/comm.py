@@ -11,11 +11,11 @@
 
 None of these is used on the hot path of `allreduce_fusion`.
 
-Every wait here is bounded: `join` (the first exchange of a workspace creation)
-gives up after `timeout_s` and names the ranks that never came, read from an
-`ArrivalBoard` (each rank posts how far it got before waiting: the process
-group's key-value store, or the in-process group's dict; MPI has neither, so
-there the message cannot name them).
+`join`, the first exchange of a workspace creation, gives up after `timeout_s` and
+names the ranks that never came, read from an `ArrivalBoard` (each rank posts how
+far it got before waiting: the process group's key-value store, or the in-process
+group's dict; MPI has neither, so there the message cannot name them). `bounded`
+runs any other collective with a time limit.
 """
 
 from __future__ import annotations
