@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .comm import CommBackend, TorchDistBackend, default_comm, is_in_process, join
+from .comm import CommBackend, default_comm, is_in_process, join
 from .patterns import SUPPORTED_DTYPES
 
 TRTLLM_MAX_RANKS = 16
@@ -116,18 +116,13 @@ def make_request(
 def rendezvous(world_size: object, comm_backend: object, group: Any) -> CommBackend | None:
     """The group the ranks meet in at creation, or None where there is none to meet
     (one rank, or no way to reach the peers: make_request or the backend says why)."""
-    if comm_backend is not None:
-        comm = comm_backend if isinstance(comm_backend, CommBackend) else None
-    elif _dist_group_info(group) is not None:
-        comm = TorchDistBackend(group)
-    elif isinstance(world_size, int) and world_size > 1:
-        try:
-            comm = default_comm(world_size, None, group)
-        except ValueError:
-            comm = None
-    else:
-        comm = None
-    return comm if comm is not None and comm.Get_size() > 1 else None
+    if comm_backend is not None and not isinstance(comm_backend, CommBackend):
+        return None
+    try:
+        comm = default_comm(world_size, comm_backend, group)
+    except ValueError:
+        return None
+    return comm if comm.Get_size() > 1 else None
 
 
 def meet(comm: CommBackend, error: Exception | None, timeout_s: float, **args: object) -> None:

@@ -42,7 +42,8 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
             native = from_mapping_arguments(*args, **kwargs)
             # Clients that construct it directly (vLLM) meet as create_allreduce_fusion_
             # workspace's callers do: bounded, duplicate ranks and mismatches named.
-            comm = default_comm(native["world_size"], native["comm_backend"], None)
+            comm = native["comm_backend"] = default_comm(native["world_size"],
+                                                         native["comm_backend"], None)
             if comm.Get_size() > 1:
                 meet(comm, None, default_timeout_s(), backend=self.backend,
                      **{k: v for k, v in native.items() if k != "comm_backend"})

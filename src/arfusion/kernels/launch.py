@@ -48,8 +48,8 @@ MAX_QUANT_BLOCK = 4096
 # World size 1, more rows than programs fit at once: three 16-warp programs share an SM
 # with at most 40 registers a thread (65536 / 1536, allocated in eights). The compiler
 # takes more for some quant patterns at 4096 columns (dynamic FP8's quotients side by
-# side: epilogue.divide_by), two programs an SM: 8-10 % slower from 2048 rows. Capped
-# only where the cap costs no spills (checked on the compiled kernel).
+# side: epilogue.divide_by), two programs an SM, which is slower. Capped only where
+# the cap costs no spills (checked on the compiled kernel).
 ROWS_MAXNREG = 40
 BITS = {2: torch.int16, 4: torch.int32}
 MAX_TIMEOUT_US = 2**31 - 1  # keeps the argument an i32 whatever the timeout
