@@ -259,7 +259,7 @@ def test_precompile_examples_are_valid_calls_of_every_variant(monkeypatch):
 
     monkeypatch.setenv("ARFUSION_PRECOMPILE", "1")  # the opt-in at creation
     with create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=4,
-                                           hidden_dim=64, dtype=torch.bfloat16) as ws:
+                                           hidden_dim=128, dtype=torch.bfloat16) as ws:
         calls = example_calls(ws)
         static_quant = [2, 3, 4, 5]
         assert len(calls) == 3 * len(PATTERNS) + 3 * len(static_quant)

@@ -132,14 +132,14 @@ def allreduce_fusion(
     norm_out for kARResidualRMSNorm and output for kAllReduce. Outputs left as None
     are allocated; pass them all for CUDA graphs. Outputs the pattern does not write
     are ignored. `fp32_acc` is accepted for compatibility (accumulation is always
-    fp32); the MoE arguments must be None. Every rank must issue the same sequence
-    of calls.
+    fp32); the MoE arguments of patterns 6 and 7 must be None; `block_quant_group_size`
+    is read by the per-token-group FP8 patterns 8 and 9 only. Every rank must issue the
+    same sequence of calls.
     """
     if (moe_reduction_device_num_experts is not None or moe_reduction_scale_input is not None
             or moe_reduction_active_experts_token_input is not None
             or moe_reduction_token_input is not None or expanded_idx_to_permuted_idx is not None
-            or expert_scale_factor is not None or shared_expert_output is not None
-            or block_quant_group_size is not None):
+            or expert_scale_factor is not None or shared_expert_output is not None):
         reject_moe(locals())
     if workspace.__class__ not in _WORKSPACE_CLASSES:
         if not isinstance(workspace, AllReduceFusionWorkspace):
@@ -155,7 +155,7 @@ def allreduce_fusion(
     call = validate_call(
         workspace, real, input, pattern, launch_with_pdl, trigger_completion_at_end, output,
         residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps,
-        scale_factor, layout_code, use_oneshot, weight_bias)
+        scale_factor, layout_code, use_oneshot, weight_bias, block_quant_group_size)
     if real:
         workspace.run(call)
     else:
@@ -175,7 +175,7 @@ def _launch_op(call: FusionCall, workspace: AllReduceFusionWorkspace) -> None:
         sf if isinstance(sf, torch.Tensor) else None,
         -1.0 if sf is None or isinstance(sf, torch.Tensor) else sf,
         call.layout_code, -1 if call.use_oneshot is None else int(call.use_oneshot),
-        call.weight_bias,
+        call.weight_bias, -1 if call.plan.group is None else call.plan.group,
     )
 
 
@@ -202,6 +202,7 @@ def _allreduce_fusion_op(
     layout_code: int,
     use_oneshot: int,
     weight_bias: float,
+    block_quant_group_size: int,
 ) -> None:
     workspace = LIVE_WORKSPACES[workspace_id]
     allreduce_fusion(
@@ -210,7 +211,8 @@ def _allreduce_fusion_op(
         scale_out=scale_out, residual_in=residual_in, rms_gamma=rms_gamma, rms_eps=rms_eps,
         scale_factor=scale_tensor if scale_tensor is not None else
         (None if scale_value < 0 else scale_value), layout_code=layout_code,
-        use_oneshot=None if use_oneshot < 0 else bool(use_oneshot), weight_bias=weight_bias)
+        use_oneshot=None if use_oneshot < 0 else bool(use_oneshot), weight_bias=weight_bias,
+        block_quant_group_size=None if block_quant_group_size < 0 else block_quant_group_size)
 
 
 @_allreduce_fusion_op.register_fake

@@ -23,7 +23,7 @@ import torch
 from . import testing
 from .api import allreduce_fusion, create_allreduce_fusion_workspace
 from .cliargs import DTYPES, dtype_list, pattern_list, positive, positive_list
-from .patterns import PATTERNS, Quant, pattern_supports
+from .patterns import KERNEL_PATTERNS, PATTERNS, Quant, pattern_supports
 from .testing import Case, case_kwargs, case_outputs, precompile_cases, run_case
 
 SCALE = {Quant.FP8: 0.05, Quant.NVFP4: 400.0}
@@ -159,8 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=positive_list, default=[128, 4096], help="e.g. 16,2880")
     p.add_argument("--dtype", type=dtype_list, default=list(DTYPES.values()),
                    help="of bf16, fp16, fp32 (default all)")
-    p.add_argument("--patterns", type=pattern_list, default=sorted(PATTERNS),
-                   help="pattern codes, default all supported")
+    p.add_argument("--patterns", type=pattern_list, default=None,
+                   help="pattern codes, default all the backend serves")
     p.add_argument("--seed", type=int, default=0, help="of the random inputs")
     p.set_defaults(parser=p)
 
@@ -181,7 +181,8 @@ def main(args: argparse.Namespace) -> int:
     if backend == "auto" and not gpus:
         backend = "torch"
         print("no GPU: using the torch backend over gloo")
-    cfg = DemoConfig(world, backend, args.tokens, args.hidden, args.dtype, args.patterns,
+    patterns = args.patterns or (sorted(PATTERNS) if backend == "torch" else KERNEL_PATTERNS)
+    cfg = DemoConfig(world, backend, args.tokens, args.hidden, args.dtype, list(patterns),
                      args.seed, mode)
     if not any(_cases(cfg, dtype) for dtype in cfg.dtypes):
         args.parser.error(

@@ -39,8 +39,6 @@ from .reference import _const, e4m3
 GROUP_FP8_MIN = 1e-10  # floor of a group's scale before rounding up to a power of two
 
 
-
-
 def moe_reduction_input(active: torch.Tensor, scale: torch.Tensor, token_input: torch.Tensor,
                         num_experts: int) -> torch.Tensor:
     """Pattern 6's x_r [T, H] (input dtype): `active` holds E*T*H elements [E, T, H],
@@ -115,10 +113,21 @@ def quantize_group_fp8(n: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     return codes, storage
 
 
-def read_group_fp8_scales(storage: torch.Tensor, num_tokens: int, hidden_dim: int,
+def group_fp8_storage(scale_out: torch.Tensor, num_tokens: int, hidden_dim: int,
+                      group: int) -> torch.Tensor:
+    """The packed scale storage (uint8, `group_fp8_scale_bytes`) of `scale_out`: DeepGEMM's
+    strided int32 (T, Kp) tensor with strides (1, Tm), or any contiguous buffer."""
+    need = group_fp8_scale_bytes(num_tokens, hidden_dim, group)
+    # Both forms start at the storage's first byte and hold at least `need` bytes there.
+    words = -(-need // scale_out.element_size())
+    return scale_out.as_strided((words,), (1,)).view(torch.uint8)[:need]
+
+
+def read_group_fp8_scales(scale_out: torch.Tensor, num_tokens: int, hidden_dim: int,
                           group: int) -> torch.Tensor:
-    """The fp32 scales [T, Kg] (2^(e - 127)) held in a packed scale buffer."""
-    raw = storage.reshape(-1).view(torch.uint8)
+    """The fp32 scales [T, Kg] (2^(e - 127)) held in a packed scale buffer (any form
+    `group_fp8_storage` takes)."""
+    raw = group_fp8_storage(scale_out, num_tokens, hidden_dim, group)
     e = raw[group_fp8_offsets(num_tokens, hidden_dim, group, raw.device)].to(torch.int32)
     return (e << 23).view(torch.float32)
 

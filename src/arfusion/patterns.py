@@ -55,6 +55,7 @@ class Quant(enum.IntEnum):
     FP8 = 1  # static per-tensor FP8: scale_factor divides
     NVFP4 = 2  # E2M1 codes + E4M3 block scales; scale_factor multiplies
     DYNAMIC_FP8 = 3  # per-token FP8 scale written to scale_out
+    GROUP_FP8 = 4  # per-token-group FP8, packed UE8M0 scales (DeepGEMM) in scale_out
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,22 @@ PATTERNS: dict[int, PatternTraits] = {
     P.kARResidualRMSNormOutDynamicFP8Quant: PatternTraits(
         "kARResidualRMSNormOutDynamicFP8Quant", True, True, Quant.DYNAMIC_FP8
     ),
+    P.kARResidualRMSNormPerTokenGroupFP8PackedQuant: PatternTraits(
+        "kARResidualRMSNormPerTokenGroupFP8PackedQuant", True, False, Quant.GROUP_FP8
+    ),
+    P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant: PatternTraits(
+        "kARResidualRMSNormOutPerTokenGroupFP8PackedQuant", True, True, Quant.GROUP_FP8
+    ),
 }
+# The patterns the Triton kernels (trtllm, mnnvl, world size 1) serve; the torch backend
+# serves every pattern in PATTERNS.
+KERNEL_PATTERNS = tuple(code for code, t in sorted(PATTERNS.items())
+                        if t.quant != Quant.GROUP_FP8)
 
 # Codes flashinfer defines that arfusion does not implement (yet).
 UNSUPPORTED_PATTERNS: dict[int, str] = {
     P.kMoEReductionARResidualRMSNorm: "kMoEReductionARResidualRMSNorm",
     P.kMoEFinalizeARResidualRMSNorm: "kMoEFinalizeARResidualRMSNorm",
-    P.kARResidualRMSNormPerTokenGroupFP8PackedQuant: (
-        "kARResidualRMSNormPerTokenGroupFP8PackedQuant"
-    ),
-    P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant: (
-        "kARResidualRMSNormOutPerTokenGroupFP8PackedQuant"
-    ),
 }
 
 NVFP4_BLOCK = 16  # values per E4M3 block scale

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import torch
 
 from .comm import bounded, is_in_process
+from .moe import group_fp8_scale_bytes
 from .patterns import PATTERNS, Quant, QuantizationSFLayout, pattern_supports
 
 
@@ -35,10 +36,12 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
                   scale_tensor: Iterable[bool] = (False, True),
                   layout_codes: Iterable[int] = (QuantizationSFLayout.SWIZZLED_128x4,),
                   dtypes: Iterable[torch.dtype] | None = None,
-                  tokens: Iterable[int] = (1,)) -> list[dict]:
+                  tokens: Iterable[int] = (1,),
+                  groups: Iterable[int] = (128,)) -> list[dict]:
     """allreduce_fusion keyword arguments, one call per variant asked for, at the
     workspace's hidden size, both strategies where the workspace allows them, PDL
-    with either trigger, each token count of `tokens`. The defaults cover vLLM's and
+    with either trigger, each token count of `tokens`, each group size of `groups`
+    that divides the hidden size (per-token-group FP8). The defaults cover vLLM's and
     SGLang's calls."""
     h, device = workspace.hidden_dim, workspace.device
     dtypes = [workspace.dtype] if dtypes is None else list(dtypes)
@@ -48,15 +51,18 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
     scale = torch.ones(1, device=device)
     calls, tensors = [], {}
     for pattern, dtype in itertools.product(
-            sorted(PATTERNS) if patterns is None else patterns, dtypes):
+            workspace.served_patterns if patterns is None else patterns, dtypes):
         traits = PATTERNS[pattern]
         if not pattern_supports(pattern, h, dtype):
             continue
         static_quant = traits.quant in (Quant.FP8, Quant.NVFP4)
-        for t, oneshot, (use_pdl, trigger), out, tensor_scale, layout in itertools.product(
-                tokens, strategies, pdl, with_output if traits.norm else (True,),
-                scale_tensor if static_quant else (False,),
-                layout_codes if traits.quant == Quant.NVFP4 else (None,)):
+        for t, oneshot, (use_pdl, trigger), out, tensor_scale, layout, group in \
+                itertools.product(
+                    tokens, strategies, pdl, with_output if traits.norm else (True,),
+                    scale_tensor if static_quant else (False,),
+                    layout_codes if traits.quant == Quant.NVFP4 else (None,),
+                    [g for g in groups if h % g == 0] if traits.quant == Quant.GROUP_FP8
+                    else (None,)):
             # One set of tensors per shape for all its calls (inputs are only read).
             if (t, dtype) not in tensors:
                 x = torch.zeros(t, h, dtype=dtype, device=device)
@@ -73,6 +79,9 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
                 kw["scale_factor"] = scale if tensor_scale else 1.0
             if layout is not None:
                 kw["layout_code"] = layout
+            if group is not None:
+                kw.update(block_quant_group_size=group, scale_out=torch.empty(
+                    group_fp8_scale_bytes(t, h, group), dtype=torch.uint8, device=device))
             calls.append(kw)
     return calls
 

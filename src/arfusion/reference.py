@@ -11,7 +11,7 @@ Unfused equivalent of one call, per rank r of N::
     output = cast(s)                               # kAllReduce
     h = residual_out = cast(cast(s) + residual_in) # residual patterns: the sum rounded first
     n = cast(h * (1 / sqrt(mean(h^2) + eps)) * (gamma + weight_bias))
-    quant_out, scale_out = quantise(n)             # FP8, NVFP4 or dynamic FP8
+    quant_out, scale_out = quantise(n)             # FP8, NVFP4, dynamic or group FP8
 
 The sum starts from +0.0, so a sum of zeros is +0.0 whatever their signs, at
 every world size (the world-size-1 kernel adds its input to +0.0 too). The sum is
@@ -202,13 +202,15 @@ def epilogue(
     scale_factor: float | torch.Tensor | None = None,
     layout_code: int | None = None,
     weight_bias: float = 0.0,
+    block_quant_group_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything `pattern` writes on one rank, from the fp32 sum `s` and that rank's
     own residual_in, rms_gamma, weight_bias and scale_factor.
 
     Keys: "output" (always: cast(s)), and for residual patterns "residual_out",
     "norm_out" (the normalised row, also for patterns that only quantise it),
-    "quant_out" and "scale_out" where the pattern quantises.
+    "quant_out" and "scale_out" where the pattern quantises (per-token-group FP8:
+    `arfusion.moe.quantize_group_fp8` of n in groups of `block_quant_group_size`).
     """
     traits = PATTERNS[pattern]
     out = {"output": s.to(dtype)}
@@ -225,6 +227,10 @@ def epilogue(
         out["quant_out"], out["scale_out"] = quantize_nvfp4(n, scale_factor, layout)
     elif traits.quant == Quant.DYNAMIC_FP8:
         out["quant_out"], out["scale_out"] = quantize_dynamic_fp8(n)
+    elif traits.quant == Quant.GROUP_FP8:
+        from .moe import quantize_group_fp8  # moe builds on this module
+
+        out["quant_out"], out["scale_out"] = quantize_group_fp8(n, block_quant_group_size)
     return out
 
 

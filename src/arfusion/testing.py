@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import moe, reference
 from .comm import InProcessBackend, InProcessGroup
 from .patterns import NVFP4_BLOCK, PATTERNS, Quant, sf_size
 
@@ -290,6 +290,14 @@ class Case:
     rms_eps: float = 1e-6
     scale_as_tensor: bool = False  # pass scale_factor as a 1-element fp32 tensor
     replicated: bool = False  # every rank passes the same residual and gamma (as engines do)
+    group: int = 0  # block_quant_group_size of group FP8; 0: the largest of 128, 64, .. 1
+    # that divides hidden_dim
+
+    @property
+    def block_quant_group_size(self) -> int:
+        if self.group:
+            return self.group
+        return next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if self.hidden_dim % g == 0)
 
     def _generator(self, salt: int, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + salt)
@@ -318,6 +326,7 @@ class Case:
             "scale_factor": (torch.full((1,), self.scale_factor, device=device)
                              if self.scale_as_tensor else self.scale_factor),
             "layout_code": self.layout_code,
+            "block_quant_group_size": self.block_quant_group_size,
         }
 
     def shared(self, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -376,7 +385,10 @@ class CheckResult:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+    # A fresh tensor: a "contiguous" one may still carry odd strides on size-1 dimensions
+    # (a (1, 1) group-FP8 scale_out with strides (1, 4)), which view() refuses.
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t).reshape(-1) \
+        .view(torch.uint8)
 
 
 def check_outputs(
@@ -446,6 +458,17 @@ def _check_quant(got, ref, case: Case, exact: bool, res: CheckResult) -> None:
         code_hi = reference.unpack_nvfp4(_pack(reference.nvfp4_codes(hi, sf8, case.scale_factor)))
         ref_sf = reference.read_scales(ref["scale_out"], t, h, case.layout_code)
         differ_sf = sf != ref_sf
+    elif quant == Quant.GROUP_FP8:
+        t, h, g = case.num_tokens, case.hidden_dim, case.block_quant_group_size
+        raw = moe.group_fp8_storage(got["scale_out"], t, h, g)
+        sf = moe.read_group_fp8_scales(raw, t, h, g)
+        s_lo = moe.read_group_fp8_scales(moe.quantize_group_fp8(inward, g)[1], t, h, g)
+        s_hi = moe.read_group_fp8_scales(moe.quantize_group_fp8(outward, g)[1], t, h, g)
+        scale_ok = (s_lo <= sf) & (sf <= s_hi)
+        differ_sf = raw != ref["scale_out"]  # padding bytes included: they must be 0
+        scale = sf.repeat_interleave(g, dim=1)
+        value = got["quant_out"].float()
+        code_lo, code_hi = reference.e4m3(lo / scale).float(), reference.e4m3(hi / scale).float()
     else:
         if quant == Quant.DYNAMIC_FP8:
             scale = got["scale_out"].float().reshape(-1, 1)
@@ -501,6 +524,10 @@ def _check_dequantised(got, n: torch.Tensor, case: Case, res: CheckResult,
         bad = (err > bound) & exact
     else:
         scale = got["scale_out"].float().reshape(-1, 1) if quant == Quant.DYNAMIC_FP8 else sf
+        if quant == Quant.GROUP_FP8:
+            g = case.block_quant_group_size
+            scale = moe.read_group_fp8_scales(got["scale_out"], case.num_tokens,
+                                              case.hidden_dim, g).repeat_interleave(g, dim=1)
         deq = got["quant_out"].float() * scale
         # e4m3: half an ulp is 2^-4 relative; subnormals are 2^-9 apart.
         bound = nf.abs() * 2.0**-4 + 2.0**-10 * scale
@@ -549,6 +576,12 @@ def case_outputs(case: Case, device: torch.device | str, with_output: bool = Tru
     if traits.quant == Quant.NVFP4:
         out["quant_out"] = new((t, h // 2), torch.uint8)
         out["scale_out"] = new((sf_size(t, h // NVFP4_BLOCK, case.layout_code),), torch.uint8)
+    if traits.quant == Quant.GROUP_FP8:  # DeepGEMM's strided int32 tensor, as vLLM makes it
+        out["quant_out"] = new((t, h), torch.float8_e4m3fn)
+        g = case.block_quant_group_size
+        _, kp, tm = moe.group_fp8_layout(t, h, g)
+        storage = new((moe.group_fp8_scale_bytes(t, h, g) // 4,), torch.int32)
+        out["scale_out"] = storage.as_strided((t, kp), (1, tm))
     return out
 
 
@@ -562,6 +595,8 @@ def case_kwargs(case: Case, device: torch.device | str, rank: int = 0) -> dict[s
         del kwargs["scale_factor"]
     if traits.quant != Quant.NVFP4:
         del kwargs["layout_code"]
+    if traits.quant != Quant.GROUP_FP8:
+        del kwargs["block_quant_group_size"]
     return kwargs
 
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .moe import group_fp8_layout, group_fp8_scale_bytes, group_fp8_storage
 from .patterns import (
     LAYOUT_NAMES,
     NVFP4_BLOCK,
@@ -43,13 +44,12 @@ from .patterns import (
     sf_size,
 )
 
-# FlashInfer's MoE keyword arguments: accepted, but they must be None until the
-# MoE patterns exist.
+# FlashInfer's MoE keyword arguments (patterns 6 and 7): accepted, but they must be
+# None until those patterns exist.
 MOE_ARGUMENTS = (
     "moe_reduction_device_num_experts", "moe_reduction_scale_input",
     "moe_reduction_active_experts_token_input", "moe_reduction_token_input",
     "expanded_idx_to_permuted_idx", "expert_scale_factor", "shared_expert_output",
-    "block_quant_group_size",
 )
 DEFAULT_EPS = 1e-6
 # The tensors a call reads or writes, in the kernels' argument order (FusionCall.ptrs);
@@ -61,7 +61,7 @@ QUANT_SLOT, SCALE_SLOT = POINTER_ORDER.index("quant_out"), POINTER_ORDER.index("
 CALL_ARGUMENTS = ("input", "pattern", "launch_with_pdl", "trigger_completion_at_end", "output",
                   "residual_out", "norm_out", "quant_out", "scale_out", "residual_in",
                   "rms_gamma", "rms_eps", "scale_factor", "layout_code", "use_oneshot",
-                  "weight_bias")
+                  "weight_bias", "block_quant_group_size")
 
 
 class WorkspaceFacts(Protocol):
@@ -73,6 +73,8 @@ class WorkspaceFacts(Protocol):
     max_token_num: int
     hidden_dim: int
     plans: dict
+    backend: str
+    served_patterns: tuple[int, ...]
 
     def capacity(self, use_oneshot: bool | None = None) -> int: ...
 
@@ -86,12 +88,14 @@ class Plan:
     num_tokens: int
     hidden_dim: int
     layout: int
+    group: int | None  # block_quant_group_size (per-token-group FP8), else None
     use_oneshot: bool | None
     launch_with_pdl: bool
     trigger_completion_at_end: bool
     write_output: bool  # `output` receives cast(s)
     quant_view: torch.dtype | None  # flat view the kernel stores into (None: as passed)
     scale_view: torch.dtype | None
+    scale_bytes: int | None  # bytes of a strided scale_out's storage the call writes
     scale_mode: str  # "none", "value" (a float), "host" (CPU tensor), "device"
     returns: int  # POINTER_ORDER slot of the output allreduce_fusion returns
     written: tuple[str, ...]  # outputs this call writes
@@ -227,8 +231,9 @@ def as_bool(name: str, value: object) -> bool:
     raise TypeError(f"{name} must be a bool (or 0/1), got {value!r}")
 
 
-def _as_pattern(pattern: object) -> int:
-    """The pattern code as an int (numpy integers accepted, bools not)."""
+def _as_pattern(pattern: object, ws: WorkspaceFacts) -> int:
+    """The pattern code as an int (numpy integers accepted, bools not), one `ws`
+    serves."""
     if isinstance(pattern, bool) or not hasattr(pattern, "__index__"):
         raise TypeError(f"pattern must be an AllReduceFusionPattern int, got {pattern!r}")
     code = int(pattern.__index__())
@@ -239,6 +244,12 @@ def _as_pattern(pattern: object) -> int:
         )
     if code not in PATTERNS:
         raise ValueError(f"pattern must be one of {sorted(PATTERNS)}, got {code}")
+    if code not in ws.served_patterns:
+        raise ValueError(
+            f"pattern {code} ({PATTERNS[code].name}) is not served by the {ws.backend} "
+            f"backend yet (it serves {list(ws.served_patterns)}); a workspace created "
+            "with backend='torch' runs it"
+        )
     return code
 
 
@@ -247,8 +258,50 @@ def reject_moe(a: dict[str, Any]) -> None:
     one is not)."""
     for name in MOE_ARGUMENTS:
         if a[name] is not None:
-            raise ValueError(f"{name} is only for the MoE patterns, which arfusion does not "
-                             "support; pass None")
+            raise ValueError(f"{name} is only for the MoE patterns 6 and 7, which arfusion "
+                             "does not support yet; pass None")
+
+
+def _check_group(value: object, hidden_dim: int, traits: PatternTraits) -> int:
+    """block_quant_group_size of a per-token-group FP8 pattern: an int > 0 dividing H."""
+    if value is None:
+        raise ValueError(f"pattern {traits.name} requires block_quant_group_size (the "
+                         "elements per FP8 group, e.g. 128)")
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"block_quant_group_size must be an int, got {value!r}")
+    group = int(value.__index__())
+    if group <= 0:
+        raise ValueError(f"block_quant_group_size must be > 0, got {group}")
+    if hidden_dim % group:
+        raise ValueError("hidden_dim must be divisible by block_quant_group_size, got "
+                         f"{hidden_dim} and {group}")
+    return group
+
+
+def _check_group_scales(s: object, t: int, h: int, group: int,
+                        device: torch.device) -> int:
+    """scale_out of a per-token-group FP8 pattern (required, as FlashInfer requires it):
+    DeepGEMM's int32 (T, Kp) tensor with strides (1, Tm), as FlashInfer checks it, or any
+    contiguous buffer of at least the layout's bytes. Returns those bytes."""
+    need = group_fp8_scale_bytes(t, h, group)
+    if s is None:
+        raise ValueError("scale_out is required for the per-token-group FP8 patterns (the "
+                         "packed UE8M0 group scales)")
+    _, kp, tm = group_fp8_layout(t, h, group)
+    if isinstance(s, torch.Tensor) and s.dtype == torch.int32 and tuple(s.shape) == (t, kp):
+        # DeepGEMM's tensor: element (t, k) must be word t + k * Tm, whatever strides say so
+        # (a row-major one would read the scales back in another order: FlashInfer refuses
+        # it too).
+        if (t > 1 and s.stride(0) != 1) or (kp > 1 and s.stride(1) != tm):
+            raise ValueError(f"scale_out stride must be (1, {tm}) (DeepGEMM's MN-major "
+                             f"packed layout), got {s.stride()}")
+        if s.device != device:
+            raise ValueError(f"scale_out must be on {device}, got {s.device}")
+    else:
+        _check_bytes("scale_out", s, need, device,
+                     f"{t} tokens of {h // group} groups: DeepGEMM's int32 ({t}, {kp}) "
+                     f"tensor with strides (1, {tm}), or any contiguous buffer")
+    return need
 
 
 def _check_capacity(ws: WorkspaceFacts, t: int, h: int, use_oneshot) -> None:
@@ -279,7 +332,7 @@ def _number(name: str, value: object, default: float) -> float:
 
 def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     """Every signature-level check of a call (`a`: allreduce_fusion's arguments)."""
-    pattern = _as_pattern(a["pattern"])
+    pattern = _as_pattern(a["pattern"], ws)
     traits = PATTERNS[pattern]
     x = a["input"]
     if not isinstance(x, torch.Tensor):
@@ -327,7 +380,7 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
         written.append("norm_out")
     if quant != Quant.NONE:
         written.append("quant_out")
-    if quant in (Quant.NVFP4, Quant.DYNAMIC_FP8):
+    if quant in (Quant.NVFP4, Quant.DYNAMIC_FP8, Quant.GROUP_FP8):
         written.append("scale_out")
     for name in ("output", "residual_out", "norm_out"):
         if name in written and a[name] is not None:
@@ -340,7 +393,12 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
         scale_mode = _check_scale_factor(a["scale_factor"], device)
     quant_view = scale_view = None
     q, s = a["quant_out"], a["scale_out"]
-    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+    group = scale_bytes = None
+    if quant == Quant.GROUP_FP8:
+        group = _check_group(a["block_quant_group_size"], h, traits)
+        scale_bytes = _check_group_scales(s, t, h, group, device)
+        scale_view = torch.uint8
+    if quant in (Quant.FP8, Quant.DYNAMIC_FP8, Quant.GROUP_FP8):
         if q is not None:
             _check_bytes("quant_out", q, t * h, device, f"{t}x{h} FP8 codes")
             if q.dtype != torch.float8_e4m3fn or tuple(q.shape) != row:
@@ -372,7 +430,7 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     returns = POINTER_ORDER.index(traits.returns)  # unless the caller passed norm_out
     shapes = {"output": ((t, h), x.dtype), "residual_out": ((t, h), x.dtype),
               "norm_out": ((t, h), x.dtype)}
-    if quant in (Quant.FP8, Quant.DYNAMIC_FP8):
+    if quant in (Quant.FP8, Quant.DYNAMIC_FP8, Quant.GROUP_FP8):
         shapes["quant_out"] = ((t, h), torch.float8_e4m3fn)
         shapes["scale_out"] = ((t, 1), torch.float32)
     elif quant == Quant.NVFP4:
@@ -384,16 +442,16 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
                        if name in read and a[name] is not None)
     read_slots += (len(POINTER_ORDER) - 1,) if scale_mode == "device" else ()
     slot = POINTER_ORDER.index
-    spans = [(slot(name), _nbytes(a[name]), ALIAS_OUTPUT) for name in written
-             if a[name] is not None]
+    spans = [(slot(name), scale_bytes if name == "scale_out" and scale_bytes
+              else _nbytes(a[name]), ALIAS_OUTPUT) for name in written if a[name] is not None]
     spans += [(slot(name), _nbytes(a[name]), ALIAS_INPUT) for name in ("input", "residual_in")
               if name == "input" or traits.norm]
     if traits.norm:
         spans.append((slot("rms_gamma"), _nbytes(a["rms_gamma"]), ALIAS_NEVER))
     return Plan(
-        pattern, traits, t, h, layout, use_oneshot, bool(a["launch_with_pdl"]),
+        pattern, traits, t, h, layout, group, use_oneshot, bool(a["launch_with_pdl"]),
         bool(a["trigger_completion_at_end"]), a["output"] is not None and traits.norm,
-        quant_view, scale_view, scale_mode, returns, tuple(written),
+        quant_view, scale_view, scale_bytes, scale_mode, returns, tuple(written),
         tuple((slot(name), *shapes[name]) for name in written if a[name] is None),
         carried, read_slots, tuple(spans))
 
@@ -476,19 +534,23 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
                   launch_with_pdl: Any, trigger_completion_at_end: Any, output: Any,
                   residual_out: Any, norm_out: Any, quant_out: Any, scale_out: Any,
                   residual_in: Any, rms_gamma: Any, rms_eps: Any, scale_factor: Any,
-                  layout_code: Any, use_oneshot: Any, weight_bias: Any) -> FusionCall:
+                  layout_code: Any, use_oneshot: Any, weight_bias: Any,
+                  block_quant_group_size: Any = None) -> FusionCall:
     """Check one call (allreduce_fusion's arguments, in CALL_ARGUMENTS order) and
     allocate the outputs left as None. `real=False` (torch.compile tracing, fake
     tensors) skips the checks that read memory addresses."""
     passed = (input, output, residual_in, residual_out, rms_gamma, norm_out, quant_out,
               scale_out)  # POINTER_ORDER, then scale_factor
-    try:  # the plan's key: pattern, flags, each tensor's dtype, shape, device, contiguity
+    # The plan's key: pattern, flags, each tensor's dtype, shape, device, contiguity (the
+    # strides of one that is not: a per-token-group scale_out may be strided).
+    try:
         key = (pattern.__class__, pattern, layout_code, use_oneshot, launch_with_pdl,
                trigger_completion_at_end, rms_eps.__class__, weight_bias.__class__,
+               block_quant_group_size.__class__, block_quant_group_size,
                (scale_factor.dtype, scale_factor.device, scale_factor.numel() > 0)
                if isinstance(scale_factor, torch.Tensor) else scale_factor.__class__,
-               *[None if t is None else (t.dtype, t.shape, t.device, t.is_contiguous())
-                 for t in passed])
+               *[None if t is None else (t.dtype, t.shape, t.device,
+                                         t.is_contiguous() or t.stride()) for t in passed])
         plan = ws.plans.get(key)
     except (AttributeError, TypeError):  # a wrong type or an unhashable value
         key = plan = None
@@ -496,7 +558,7 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
         plan = _make_plan(ws, dict(zip(CALL_ARGUMENTS, (
             input, pattern, launch_with_pdl, trigger_completion_at_end, output, residual_out,
             norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps, scale_factor,
-            layout_code, use_oneshot, weight_bias), strict=True)))
+            layout_code, use_oneshot, weight_bias, block_quant_group_size), strict=True)))
         if key is not None:
             ws.plans[key] = plan
     scale = _scale_value(plan, scale_factor) if plan.scale_mode != "none" else None
@@ -530,6 +592,9 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
         out = list(out)
         if plan.quant_view is not None:
             out[QUANT_SLOT] = flat_view(out[QUANT_SLOT], plan.quant_view)
-        if plan.scale_view is not None:
+        if plan.group is not None:
+            out[SCALE_SLOT] = group_fp8_storage(out[SCALE_SLOT], plan.num_tokens,
+                                                plan.hidden_dim, plan.group)
+        elif plan.scale_view is not None:
             out[SCALE_SLOT] = flat_view(out[SCALE_SLOT], plan.scale_view)
     return FusionCall(tuple(out), rms_eps, weight_bias, scale, plan, ret, ptrs, align)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .patterns import SUPPORTED_DTYPES
+from .patterns import PATTERNS, SUPPORTED_DTYPES
 
 if TYPE_CHECKING:
     from .comm import CommBackend
@@ -62,6 +62,7 @@ class AllReduceFusionWorkspace(abc.ABC):
     """Base class of the `trtllm`, `mnnvl` and `torch` workspaces."""
 
     backend: str = ""
+    served_patterns: tuple[int, ...] = tuple(sorted(PATTERNS))  # the kernels' are fewer
 
     def __init__(
         self,

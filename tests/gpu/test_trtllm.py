@@ -27,7 +27,7 @@ from arfusion import (
     reference,
 )
 from arfusion.comm import TorchDistBackend
-from arfusion.patterns import PATTERNS, Quant
+from arfusion.patterns import KERNEL_PATTERNS, PATTERNS, Quant
 from arfusion.testing import (
     Case,
     capture_graph,
@@ -143,7 +143,7 @@ def _own_tensors_plan(rank: int, world_size: int) -> list[tuple[Case, dict]]:
     """Every pattern, both strategies, 1 token, fewer tokens than ranks and many; each
     rank its own residual, gamma (negative values too), weight_bias and scale."""
     cases = []
-    for i, pattern in enumerate(sorted(PATTERNS)):
+    for i, pattern in enumerate(KERNEL_PATTERNS):
         base = {Quant.FP8: 0.05, Quant.NVFP4: 200.0}.get(PATTERNS[pattern].quant, 1.0)
         for oneshot in (True, False):
             for t in sorted({1, max(1, world_size - 1), 37}):

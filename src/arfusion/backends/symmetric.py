@@ -27,6 +27,7 @@ import torch
 from .. import heuristics, signature, sizing
 from ..comm import CommBackend
 from ..memory import SymmetricBuffer, ranks_on_my_gpu
+from ..patterns import KERNEL_PATTERNS
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
 
@@ -43,6 +44,7 @@ def load_kernels():
 
 
 class SymmetricWorkspace(AllReduceFusionWorkspace):
+    served_patterns = KERNEL_PATTERNS
     def __init__(
         self,
         world_size: int,

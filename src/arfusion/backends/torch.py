@@ -41,7 +41,8 @@ from ..topology import Request
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
 
-SIGNATURE = signature.FIELDS[:5]  # the strategy is the kernels' business
+# The strategy is the kernels' business; the group size is the per-token-group FP8's.
+SIGNATURE = (*signature.FIELDS[:5], "block_quant_group_size")
 
 
 def write_outputs(call: FusionCall, results: dict[str, torch.Tensor]) -> None:
@@ -119,7 +120,7 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         rank (module docstring)."""
         self._seq += 1
         mine = (self._seq, call.num_tokens, call.hidden_dim, str(call.input.dtype),
-                call.pattern)
+                call.pattern, call.plan.group)
         if self._board is not None:
             self._board.post(self._seq)
         got: list[Any] = []
@@ -169,6 +170,7 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
             scale_factor=call.scale_factor,
             layout_code=call.layout_code,
             weight_bias=call.weight_bias,
+            block_quant_group_size=call.plan.group,
         )
         write_outputs(call, results)
         if is_in_process(self._comm) and self.world_size > 1:

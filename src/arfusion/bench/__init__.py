@@ -32,7 +32,7 @@ import torch
 
 from .. import heuristics, testing
 from ..cliargs import dtype_list, dtype_names, pattern_list, positive, positive_list
-from ..patterns import PATTERNS
+from ..patterns import KERNEL_PATTERNS
 from . import report, runs, warm
 from .report import footprints as _footprints  # noqa: F401 - tests and users
 from .report import markdown as _markdown  # noqa: F401
@@ -44,8 +44,8 @@ __all__ = ["add_arguments", "main", "tune"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=positive, default=4,
                    help="ranks of the N-rank rows (default 4)")
-    p.add_argument("--patterns", type=pattern_list, default=sorted(PATTERNS),
-                   help="pattern codes, e.g. 1,2,10 (default all supported)")
+    p.add_argument("--patterns", type=pattern_list, default=list(KERNEL_PATTERNS),
+                   help="pattern codes, e.g. 1,2,10 (default all the kernels serve)")
     p.add_argument("--dtype", type=dtype_names, default="bf16",
                    help="of bf16, fp16, fp32, comma-separated (default bf16)")
     p.add_argument("--hidden", type=positive_list, default=[4096, 8192],
