@@ -47,6 +47,76 @@ def test_rms_norm_against_float64(dtype):
         assert ((got.double() - want).abs() <= bound).all()
 
 
+def _sumsq_exact(hf: torch.Tensor) -> torch.Tensor:
+    """The contract's sum of squares from scratch, one row at a time in Python integers:
+    each fp32 square truncated to a multiple of 2^(X - 166), summed, rounded once."""
+    import numpy as np
+
+    out = []
+    for row in hf.double().numpy().astype(np.float32):
+        q = row * row  # fp32 products, rounded
+        if not np.isfinite(q).all():
+            out.append(np.float32(q.sum()))
+            continue
+        fields = [(int(v.view(np.int32)) >> 23 & 0xFF, int(v.view(np.int32)) & 0x7FFFFF)
+                  for v in q]
+        big = max(max(x, 1) for x, _ in fields)
+        total = sum(((m | (1 << 23) if x else m) << 16) >> min(big - max(x, 1), 63)
+                    for x, m in fields)
+        out.append(np.float32(np.float32(total) * np.float64(2.0) ** (big - 166)))
+    return torch.tensor(np.array(out, dtype=np.float32)).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, F32])
+def test_sum_of_squares_is_order_free_and_the_contracts(dtype):
+    """Any permutation of a row gives the same bits (what lets every kernel layout,
+    chunk width and batch give them too), equal to the definition computed from scratch,
+    within 2^-23 of the exact sum of the fp32 squares."""
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(16, 1000, generator=g) * 3).to(dtype).float()
+    h[1, :500] *= 1e-4  # magnitudes 2^13 apart
+    h[2] = torch.finfo(dtype).tiny * torch.randn(1000, generator=g)  # subnormal-size values
+    h[3] = 0.0
+    h[4, ::7] = -h[4, ::7]
+    ssq = R.sum_squares(h)
+    for _ in range(3):
+        perm = torch.randperm(1000, generator=g)
+        assert torch.equal(bits(R.sum_squares(h[:, perm])), bits(ssq))
+    assert torch.equal(bits(R.sum_squares(h)), bits(_sumsq_exact(h)))
+    exact = (h * h).double().sum(-1, keepdim=True)  # the fp32 squares, added exactly
+    assert ((ssq.double() - exact).abs() <= exact * 2.0**-23).all()
+    assert ssq[3].item() == 0.0 and not torch.signbit(ssq[3])
+
+
+def test_sum_of_squares_of_special_rows():
+    """1e-30 next to 1e18 in fp32 (a square that underflows beside one that does not),
+    a square beyond fp32 (inf), inf and NaN rows: as the contract says, in any order."""
+    h = torch.tensor([[1e-30, 1e18, -3e-20, 0.0],
+                      [2e19, 1.0, 0.0, 0.0],
+                      [float("inf"), 1.0, 2.0, 0.0],
+                      [float("nan"), float("inf"), 1.0, 0.0],
+                      [-float("inf"), 0.0, 0.0, 0.0],
+                      [1e-45, 1e-44, 0.0, 0.0]])
+    ssq = R.sum_squares(h)
+    assert ssq[0].item() == pytest.approx(1e36, rel=2**-23)
+    assert ssq[1].item() == float("inf") and ssq[2].item() == float("inf")
+    assert ssq[3].isnan().item() and ssq[4].item() == float("inf")
+    assert ssq[5].item() == 0.0  # squares below the smallest subnormal
+    for perm in ([3, 2, 1, 0], [1, 3, 0, 2]):
+        assert torch.equal(bits(R.sum_squares(h[:, perm])), bits(ssq))
+
+
+def test_sqrt_is_correctly_rounded_on_every_device():
+    """torch.sqrt on the CPU is within 0.5001 ulp (SLEEF): this fp32 rounds the wrong way
+    there. The reference's sqrt_rn rounds it right, as a GPU's sqrt.rn does."""
+    x = torch.tensor([10.544156074523926 + 1e-6], dtype=F32)
+    want = torch.tensor([float(x.double().sqrt())], dtype=F32)
+    assert torch.equal(R.sqrt_rn(x), want)
+    g = torch.Generator().manual_seed(4)
+    xs = torch.rand(100000, generator=g) * 1000
+    assert torch.equal(R.sqrt_rn(xs), xs.double().sqrt().float())
+
+
 def test_residual_pattern_outputs():
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(3, 64, generator=g).half() for _ in range(2)]

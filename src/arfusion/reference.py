@@ -1,16 +1,17 @@
 """The numerics of docs/contract.md in plain torch: the oracle every backend is checked against.
 
 Runs on CPU and CUDA tensors alike and gives the same bits on both: every step is a
-single correctly rounded fp32 operation (add, multiply, divide, sqrt), and every
+single correctly rounded fp32 operation (add, multiply, divide, sqrt: `sqrt_rn`), every
 division is tensor by tensor on one device, because torch turns division by a
-Python or CPU scalar into multiplication by a reciprocal on CUDA.
+Python or CPU scalar into multiplication by a reciprocal on CUDA, and the row's sum of
+squares is an integer sum (`sum_squares`), the same in any order.
 
 Unfused equivalent of one call, per rank r of N::
 
     s = 0.0 + x_0 + x_1 + ... + x_{N-1}          # fp32, rank order: identical bits everywhere
     output = cast(s)                               # kAllReduce
     h = residual_out = cast(cast(s) + residual_in) # residual patterns: the sum rounded first
-    n = cast(h * (1 / sqrt(mean(h^2) + eps)) * (gamma + weight_bias))
+    n = cast(h * (1 / sqrt(sum_squares(h) / H + eps)) * (gamma + weight_bias))
     quant_out, scale_out = quantise(n)             # FP8, NVFP4, dynamic or group FP8
 
 The sum starts from +0.0, so a sum of zeros is +0.0 whatever their signs, at
@@ -65,13 +66,55 @@ def allreduce_sum(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     return s
 
 
+# Fraction bits the row's sum of squares keeps below the largest square's significand.
+SUMSQ_FRACTION_BITS = 16
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e as fp32 for int32 e in [-126, 127] (from the exponent bits: exact)."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def sum_squares(hf: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of each row of fp32 `hf` ([..., H] -> [..., 1]) as the contract
+    defines it, independent of any summation order:
+
+        q_c = h_c * h_c (fp32, rounded) = m_c * 2^(x_c - 150), m_c < 2^24, x_c >= 1
+        X = max_c x_c;  S = sum_c floor(m_c * 2^16 / 2^(X - x_c))   (int64: exact)
+        ssq = fp32(S) * 2^(X - 166)       (one rounding, as two exact power-of-2 steps)
+
+    Each square is truncated to a fixed point 2^-16 below the largest square's
+    significand, so the integer sum is the same in any order, and rounded once. A row
+    with an infinite or NaN square (X = 255) gets the float sum of its squares instead:
+    inf or NaN whatever the order."""
+    q = hf * hf
+    bits = q.view(torch.int32)
+    x = (bits >> 23) & 0xFF
+    m = torch.where(x > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF).to(torch.int64)
+    x = torch.clamp(x, min=1)  # subnormal squares share exponent 1's grid
+    big = x.amax(-1, keepdim=True)
+    shift = torch.clamp(big - x, max=63).to(torch.int64)
+    total = ((m << SUMSQ_FRACTION_BITS) >> shift).sum(-1, keepdim=True)
+    half = (big - 166) >> 1  # floor: both factors and the first product stay normal
+    fixed = total.to(torch.float32) * _pow2(half) * _pow2(big - 166 - half)
+    return torch.where(big == 255, q.sum(-1, keepdim=True), fixed)
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root. torch.sqrt on the CPU is SLEEF's, within
+    0.5001 ulp: one fp32 in millions rounds the other way. In fp64, then rounded to fp32,
+    it is exact on every device (53 >= 2 * 24 + 2 bits: no double-rounding error)."""
+    return torch.sqrt(x.double()).float()
+
+
 def rms_norm(
     h: torch.Tensor, gamma: torch.Tensor, eps: float, weight_bias: float = 0.0
 ) -> torch.Tensor:
-    """cast(h * (1 / sqrt(mean(h^2) + eps)) * (gamma + weight_bias)), in h's dtype."""
+    """cast(h * (1 / sqrt(sum_squares(h) / H + eps)) * (gamma + weight_bias)), in h's
+    dtype."""
     hf = h.float()
-    mean_sq = (hf * hf).sum(-1, keepdim=True) / _const(hf.shape[-1], hf)
-    rstd = _const(1.0, hf) / torch.sqrt(mean_sq + _const(eps, hf))
+    mean_sq = sum_squares(hf) / _const(hf.shape[-1], hf)
+    rstd = _const(1.0, hf) / sqrt_rn(mean_sq + _const(eps, hf))
     weight = gamma.float() + _const(weight_bias, hf)
     return (hf * rstd * weight).to(h.dtype)
 
