@@ -20,7 +20,7 @@ def test_demo_runs_every_pattern_and_passes():
 
 
 def test_demo_fails_loudly_on_a_bad_pattern():
-    proc = subprocess.run([sys.executable, "-m", "arfusion", "demo", "--patterns", "7"],
+    proc = subprocess.run([sys.executable, "-m", "arfusion", "demo", "--patterns", "12"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not a supported pattern" in proc.stderr
 

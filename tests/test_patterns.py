@@ -5,7 +5,7 @@ import torch
 
 from arfusion import AllReduceFusionPattern as P
 from arfusion import QuantizationSFLayout as L
-from arfusion.patterns import PATTERNS, UNSUPPORTED_PATTERNS, Quant, sf_offset, sf_size
+from arfusion.patterns import KERNEL_PATTERNS, PATTERNS, Quant, sf_offset, sf_size
 
 
 def test_constants_match_flashinfer():
@@ -14,7 +14,11 @@ def test_constants_match_flashinfer():
             P.kARResidualRMSNormOutFP4Quant, P.kARResidualRMSNormDynamicFP8Quant,
             P.kARResidualRMSNormOutDynamicFP8Quant] == [0, 1, 2, 3, 4, 5, 10, 11]
     assert (L.SWIZZLED_128x4, L.SWIZZLED_8x4, L.LINEAR) == (0, 1, 2)
-    assert set(UNSUPPORTED_PATTERNS) == {6, 7}
+    assert [P.kMoEReductionARResidualRMSNorm, P.kMoEFinalizeARResidualRMSNorm,
+            P.kARResidualRMSNormPerTokenGroupFP8PackedQuant,
+            P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant] == [6, 7, 8, 9]
+    assert sorted(PATTERNS) == list(range(12))
+    assert KERNEL_PATTERNS == (0, 1, 2, 3, 4, 5, 10, 11)
 
 
 def test_traits_table():

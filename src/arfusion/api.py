@@ -8,7 +8,8 @@ import torch
 from . import heuristics, topology
 from .backends import BACKENDS, workspace_class
 from .comm import CommBackend
-from .validation import FusionCall, reject_moe, validate_call
+from .patterns import MOE_PATTERNS
+from .validation import FusionCall, MoEInputs, validate_call
 from .workspace import LIVE_WORKSPACES, AllReduceFusionWorkspace, default_timeout_s
 
 PRECOMPILE_ENV = "ARFUSION_PRECOMPILE"
@@ -132,15 +133,23 @@ def allreduce_fusion(
     norm_out for kARResidualRMSNorm and output for kAllReduce. Outputs left as None
     are allocated; pass them all for CUDA graphs. Outputs the pattern does not write
     are ignored. `fp32_acc` is accepted for compatibility (accumulation is always
-    fp32); the MoE arguments of patterns 6 and 7 must be None; `block_quant_group_size`
-    is read by the per-token-group FP8 patterns 8 and 9 only. Every rank must issue the
-    same sequence of calls.
+    fp32); the MoE arguments are read by patterns 6 and 7 only, `block_quant_group_size`
+    by the per-token-group FP8 patterns 8 and 9 only (docs/contract.md, step 8). Every
+    rank must issue the same sequence of calls.
     """
+    moe = None
     if (moe_reduction_device_num_experts is not None or moe_reduction_scale_input is not None
             or moe_reduction_active_experts_token_input is not None
             or moe_reduction_token_input is not None or expanded_idx_to_permuted_idx is not None
             or expert_scale_factor is not None or shared_expert_output is not None):
-        reject_moe(locals())
+        moe = dict(moe_reduction_device_num_experts=moe_reduction_device_num_experts,
+                   moe_reduction_scale_input=moe_reduction_scale_input,
+                   moe_reduction_active_experts_token_input=(
+                       moe_reduction_active_experts_token_input),
+                   moe_reduction_token_input=moe_reduction_token_input,
+                   expanded_idx_to_permuted_idx=expanded_idx_to_permuted_idx,
+                   expert_scale_factor=expert_scale_factor,
+                   shared_expert_output=shared_expert_output)
     if workspace.__class__ not in _WORKSPACE_CLASSES:
         if not isinstance(workspace, AllReduceFusionWorkspace):
             raise TypeError(
@@ -155,7 +164,7 @@ def allreduce_fusion(
     call = validate_call(
         workspace, real, input, pattern, launch_with_pdl, trigger_completion_at_end, output,
         residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps,
-        scale_factor, layout_code, use_oneshot, weight_bias, block_quant_group_size)
+        scale_factor, layout_code, use_oneshot, weight_bias, block_quant_group_size, moe)
     if real:
         workspace.run(call)
     else:
@@ -167,7 +176,8 @@ def _launch_op(call: FusionCall, workspace: AllReduceFusionWorkspace) -> None:
     """torch.compile sees one opaque op that mutates the outputs in place; the workspace
     travels as its key in LIVE_WORKSPACES. Only the outputs the pattern writes are
     passed (already allocated), so unused outputs are not marked as mutated."""
-    sf = call.scale_factor
+    sf, moe = call.scale_factor, call.moe or MoEInputs()
+    e = moe.num_experts
     torch.ops.arfusion.allreduce_fusion_(
         call.input, id(workspace), call.pattern, call.launch_with_pdl,
         call.trigger_completion_at_end, call.output, call.residual_out, call.norm_out,
@@ -176,6 +186,9 @@ def _launch_op(call: FusionCall, workspace: AllReduceFusionWorkspace) -> None:
         -1.0 if sf is None or isinstance(sf, torch.Tensor) else sf,
         call.layout_code, -1 if call.use_oneshot is None else int(call.use_oneshot),
         call.weight_bias, -1 if call.plan.group is None else call.plan.group,
+        e if isinstance(e, torch.Tensor) else None, -1 if e is None or isinstance(
+            e, torch.Tensor) else e, moe.scale, moe.active, moe.index, moe.expert_scale,
+        moe.shared,
     )
 
 
@@ -203,6 +216,13 @@ def _allreduce_fusion_op(
     use_oneshot: int,
     weight_bias: float,
     block_quant_group_size: int,
+    num_experts_tensor: torch.Tensor | None,
+    num_experts: int,
+    moe_scale: torch.Tensor | None,
+    moe_active: torch.Tensor | None,
+    moe_index: torch.Tensor | None,
+    moe_expert_scale: torch.Tensor | None,
+    moe_shared: torch.Tensor | None,
 ) -> None:
     workspace = LIVE_WORKSPACES[workspace_id]
     allreduce_fusion(
@@ -212,7 +232,13 @@ def _allreduce_fusion_op(
         scale_factor=scale_tensor if scale_tensor is not None else
         (None if scale_value < 0 else scale_value), layout_code=layout_code,
         use_oneshot=None if use_oneshot < 0 else bool(use_oneshot), weight_bias=weight_bias,
-        block_quant_group_size=None if block_quant_group_size < 0 else block_quant_group_size)
+        block_quant_group_size=None if block_quant_group_size < 0 else block_quant_group_size,
+        moe_reduction_device_num_experts=num_experts_tensor if num_experts_tensor is not None
+        else (None if num_experts < 0 else num_experts),
+        moe_reduction_scale_input=moe_scale, moe_reduction_active_experts_token_input=moe_active,
+        moe_reduction_token_input=input if pattern == MOE_PATTERNS[0] else None,
+        expanded_idx_to_permuted_idx=moe_index, expert_scale_factor=moe_expert_scale,
+        shared_expert_output=moe_shared)
 
 
 @_allreduce_fusion_op.register_fake

@@ -95,6 +95,12 @@ PATTERNS: dict[int, PatternTraits] = {
     P.kARResidualRMSNormOutDynamicFP8Quant: PatternTraits(
         "kARResidualRMSNormOutDynamicFP8Quant", True, True, Quant.DYNAMIC_FP8
     ),
+    P.kMoEReductionARResidualRMSNorm: PatternTraits(
+        "kMoEReductionARResidualRMSNorm", True, True, Quant.NONE
+    ),
+    P.kMoEFinalizeARResidualRMSNorm: PatternTraits(
+        "kMoEFinalizeARResidualRMSNorm", True, True, Quant.NONE
+    ),
     P.kARResidualRMSNormPerTokenGroupFP8PackedQuant: PatternTraits(
         "kARResidualRMSNormPerTokenGroupFP8PackedQuant", True, False, Quant.GROUP_FP8
     ),
@@ -102,16 +108,13 @@ PATTERNS: dict[int, PatternTraits] = {
         "kARResidualRMSNormOutPerTokenGroupFP8PackedQuant", True, True, Quant.GROUP_FP8
     ),
 }
+# The MoE patterns: each rank all-reduces what it builds from its expert outputs
+# (arfusion.moe), not `input` as it is.
+MOE_PATTERNS = (P.kMoEReductionARResidualRMSNorm, P.kMoEFinalizeARResidualRMSNorm)
 # The patterns the Triton kernels (trtllm, mnnvl, world size 1) serve; the torch backend
 # serves every pattern in PATTERNS.
 KERNEL_PATTERNS = tuple(code for code, t in sorted(PATTERNS.items())
-                        if t.quant != Quant.GROUP_FP8)
-
-# Codes flashinfer defines that arfusion does not implement (yet).
-UNSUPPORTED_PATTERNS: dict[int, str] = {
-    P.kMoEReductionARResidualRMSNorm: "kMoEReductionARResidualRMSNorm",
-    P.kMoEFinalizeARResidualRMSNorm: "kMoEFinalizeARResidualRMSNorm",
-}
+                        if t.quant != Quant.GROUP_FP8 and code not in MOE_PATTERNS)
 
 NVFP4_BLOCK = 16  # values per E4M3 block scale
 

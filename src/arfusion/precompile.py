@@ -27,7 +27,7 @@ import torch
 
 from .comm import bounded, is_in_process
 from .moe import group_fp8_scale_bytes
-from .patterns import PATTERNS, Quant, QuantizationSFLayout, pattern_supports
+from .patterns import MOE_PATTERNS, PATTERNS, Quant, QuantizationSFLayout, pattern_supports
 
 
 def example_calls(workspace, patterns: Iterable[int] | None = None,
@@ -79,6 +79,13 @@ def example_calls(workspace, patterns: Iterable[int] | None = None,
                 kw["scale_factor"] = scale if tensor_scale else 1.0
             if layout is not None:
                 kw["layout_code"] = layout
+            if pattern == MOE_PATTERNS[0]:  # one expert
+                kw.update(moe_reduction_device_num_experts=1, moe_reduction_token_input=x,
+                          moe_reduction_scale_input=torch.ones(1, t, device=device),
+                          moe_reduction_active_experts_token_input=torch.zeros_like(x))
+            elif pattern == MOE_PATTERNS[1]:  # top_k 1, row t of input for token t
+                kw["expanded_idx_to_permuted_idx"] = torch.arange(
+                    t, dtype=torch.int32, device=device).reshape(t, 1)
             if group is not None:
                 kw.update(block_quant_group_size=group, scale_out=torch.empty(
                     group_fp8_scale_bytes(t, h, group), dtype=torch.uint8, device=device))

@@ -48,7 +48,7 @@ import torch
 
 from . import moe, reference
 from .comm import InProcessBackend, InProcessGroup
-from .patterns import NVFP4_BLOCK, PATTERNS, Quant, sf_size
+from .patterns import MOE_PATTERNS, NVFP4_BLOCK, PATTERNS, Quant, sf_size
 
 OUTPUT_NAMES = ("output", "residual_out", "norm_out", "quant_out", "scale_out")
 
@@ -275,6 +275,11 @@ def mps_daemon() -> Iterator[bool]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+MOE_EXPERTS = 3  # pattern 6's local experts in a Case
+MOE_TOP_K = 3  # pattern 7's experts per token
+MOE_PADDING = 5  # pattern 7's permuted rows no index reads
+
+
 @dataclass
 class Case:
     """One call's inputs for every rank, reproducible from (seed, index)."""
@@ -303,11 +308,60 @@ class Case:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + salt)
 
     def input(self, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Rank `rank`'s input (drawn on `device`, so every rank can redraw it)."""
+        """Rank `rank`'s input (drawn on `device`, so every rank can redraw it). Pattern 7:
+        the permuted expert rows, NaN where no index points (a stray read shows)."""
         device = torch.device(device)
         g = self._generator(7919 * rank + 1, device)
-        x = torch.randn(self.num_tokens, self.hidden_dim, generator=g, device=device) * 2.0
+        rows = self.num_tokens
+        if self.pattern == MOE_PATTERNS[1]:
+            rows = self.num_tokens * MOE_TOP_K + MOE_PADDING
+        x = torch.randn(rows, self.hidden_dim, generator=g, device=device) * 2.0
+        if self.pattern == MOE_PATTERNS[1]:
+            read = torch.zeros(rows, dtype=torch.bool, device=device)
+            idx = self.moe(rank, device)["expanded_idx_to_permuted_idx"]
+            read[idx[idx >= 0].long()] = True
+            x[~read] = float("nan")
         return x.to(self.dtype)
+
+    def moe(self, rank: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Rank `rank`'s MoE arguments (patterns 6 and 7; {} otherwise). 6: MOE_EXPERTS
+        experts, their outputs [E, T, H] and fp32 scales [E, T]; 7: a top-k index map
+        into padded permuted rows (a permutation, with -1 slots and repeated rows),
+        weights in the input dtype, a shared expert's output."""
+        device = torch.device(device)
+        g = self._generator(31337 + 7919 * rank, device)
+        t, h = self.num_tokens, self.hidden_dim
+        if self.pattern == MOE_PATTERNS[0]:
+            return {"moe_reduction_device_num_experts": MOE_EXPERTS,
+                    "moe_reduction_scale_input":
+                        torch.rand(MOE_EXPERTS, t, generator=g, device=device) * 2 - 0.5,
+                    "moe_reduction_active_experts_token_input":
+                        torch.randn(MOE_EXPERTS, t, h, generator=g, device=device).to(self.dtype),
+                    "moe_reduction_token_input": self.input(rank, device)}
+        if self.pattern != MOE_PATTERNS[1]:
+            return {}
+        order = torch.randperm(t * MOE_TOP_K + MOE_PADDING, generator=g, device=device)
+        idx = order[: t * MOE_TOP_K].reshape(t, MOE_TOP_K).to(torch.int32)
+        idx[0, -1] = -1  # a dropped slot
+        if t > 1:
+            idx[1, 0] = idx[0, 0]  # two tokens reading one row
+        return {"expanded_idx_to_permuted_idx": idx,
+                "expert_scale_factor":
+                    torch.rand(t, MOE_TOP_K, generator=g, device=device).to(self.dtype),
+                "shared_expert_output":
+                    torch.randn(t, h, generator=g, device=device).to(self.dtype)}
+
+    def contribution(self, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """What rank `rank` all-reduces: its input, or what the MoE patterns build."""
+        x = self.input(rank, device)
+        m = self.moe(rank, device)
+        if self.pattern == MOE_PATTERNS[0]:
+            return moe.moe_reduction_input(m["moe_reduction_active_experts_token_input"],
+                                           m["moe_reduction_scale_input"], x, MOE_EXPERTS)
+        if self.pattern == MOE_PATTERNS[1]:
+            return moe.moe_finalize_input(x, m["expanded_idx_to_permuted_idx"],
+                                          m["expert_scale_factor"], m["shared_expert_output"])
+        return x
 
     def own(self, rank: int, device: torch.device | str = "cpu") -> dict[str, Any]:
         """What rank `rank` passes besides its input: its own residual_in and rms_gamma
@@ -337,7 +391,7 @@ class Case:
 
     def reference(self, world_size: int, device: torch.device | str = "cpu", rank: int = 0):
         """Rank `rank`'s outputs: every rank's input, that rank's own tensors."""
-        inputs = [self.input(r, device) for r in range(world_size)]
+        inputs = [self.contribution(r, device) for r in range(world_size)]
         kwargs = self.own(rank, device)
         if not PATTERNS[self.pattern].norm:
             kwargs = {}
@@ -563,8 +617,8 @@ def case_outputs(case: Case, device: torch.device | str, with_output: bool = Tru
         return poison(torch.empty(shape, dtype=dtype, device=device))
 
     out = {}
-    if with_output or not traits.norm:
-        out["output"] = new((t, h))
+    if (with_output or not traits.norm) and case.pattern != MOE_PATTERNS[1]:
+        out["output"] = new((t, h))  # (pattern 7 never writes it)
     if traits.norm:
         out["residual_out"] = new((t, h))
     if traits.norm_out:
@@ -597,7 +651,7 @@ def case_kwargs(case: Case, device: torch.device | str, rank: int = 0) -> dict[s
         del kwargs["layout_code"]
     if traits.quant != Quant.GROUP_FP8:
         del kwargs["block_quant_group_size"]
-    return kwargs
+    return {**kwargs, **case.moe(rank, device)}
 
 
 def precompile_cases(workspace, cases: list[tuple[Case, dict]], rank: int,

@@ -34,23 +34,23 @@ import torch
 from .moe import group_fp8_layout, group_fp8_scale_bytes, group_fp8_storage
 from .patterns import (
     LAYOUT_NAMES,
+    MOE_PATTERNS,
     NVFP4_BLOCK,
     PATTERNS,
     SUPPORTED_DTYPES,
-    UNSUPPORTED_PATTERNS,
     PatternTraits,
     Quant,
     QuantizationSFLayout,
     sf_size,
 )
 
-# FlashInfer's MoE keyword arguments (patterns 6 and 7): accepted, but they must be
-# None until those patterns exist.
+# FlashInfer's MoE keyword arguments (patterns 6 and 7; other patterns ignore them).
 MOE_ARGUMENTS = (
     "moe_reduction_device_num_experts", "moe_reduction_scale_input",
     "moe_reduction_active_experts_token_input", "moe_reduction_token_input",
     "expanded_idx_to_permuted_idx", "expert_scale_factor", "shared_expert_output",
 )
+MOE_REDUCTION, MOE_FINALIZE = MOE_PATTERNS
 DEFAULT_EPS = 1e-6
 # The tensors a call reads or writes, in the kernels' argument order (FusionCall.ptrs);
 # scale_factor is one when it is a device tensor.
@@ -111,6 +111,50 @@ class Plan:
     launches: dict = field(default_factory=dict, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class MoEInputs:
+    """Pattern 6's or 7's own inputs, checked; `contribution` builds what the rank
+    all-reduces from them (arfusion.moe). 6: E experts (an int, or a device int32 tensor
+    read when the call runs), `scale` fp32 [E, T], `active` [E, T, H]; the token input is
+    the call's `input`. 7: `index` int32 [T, top_k] into the call's `input` rows,
+    `expert_scale` [T, top_k] or None, `shared` [T, H] or None."""
+
+    num_experts: int | torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    expert_scale: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+
+    def contribution(self, x: torch.Tensor) -> torch.Tensor:
+        """x_r [T, H]: from the token input `x` (6) or the permuted rows `x` (7)."""
+        from . import moe
+
+        if self.index is None:
+            return moe.moe_reduction_input(self.active, self.scale, x, self.experts(x))
+        return moe.moe_finalize_input(x, self.index, self.expert_scale, self.shared)
+
+    def experts(self, x: torch.Tensor) -> int:
+        """Pattern 6's E for token input `x`; a device count is read now and checked
+        against what the tensors hold."""
+        e = self.num_experts
+        if not isinstance(e, torch.Tensor):
+            return e or 0
+        e = int(e.item())
+        t, h = x.shape
+        if e < 0 or self.scale.numel() < e * t or self.active.numel() < e * t * h:
+            raise ValueError(
+                f"moe_reduction_device_num_experts holds {e}: must be >= 0 and at most what "
+                f"moe_reduction_scale_input ({self.scale.numel()} elements) and "
+                f"moe_reduction_active_experts_token_input ({self.active.numel()}) hold for "
+                f"{t} tokens of {h}")
+        return e
+
+    def signature(self, x: torch.Tensor) -> tuple[int, int]:
+        """(experts, top_k) as the ranks must agree on them (0 where unused)."""
+        return self.experts(x), 0 if self.index is None else self.index.shape[1]
+
+
 def _tensor(name: str) -> property:
     """FusionCall's tensor `name`, or None where the pattern has no use for it."""
     slot = POINTER_ORDER.index(name)
@@ -136,6 +180,7 @@ class FusionCall:
     ret: torch.Tensor
     ptrs: tuple[int, ...]  # data pointers in POINTER_ORDER, 0 for tensors the pattern skips
     align: int  # bit i set: ptrs[i] is not 16-byte aligned (kernels specialise on it)
+    moe: MoEInputs | None = None  # patterns 6 and 7
 
     input = _tensor("input")
     output = _tensor("output")
@@ -237,11 +282,6 @@ def _as_pattern(pattern: object, ws: WorkspaceFacts) -> int:
     if isinstance(pattern, bool) or not hasattr(pattern, "__index__"):
         raise TypeError(f"pattern must be an AllReduceFusionPattern int, got {pattern!r}")
     code = int(pattern.__index__())
-    if code in UNSUPPORTED_PATTERNS:
-        raise ValueError(
-            f"pattern {code} ({UNSUPPORTED_PATTERNS[code]}) is not supported by "
-            f"arfusion; supported patterns: {sorted(PATTERNS)}"
-        )
     if code not in PATTERNS:
         raise ValueError(f"pattern must be one of {sorted(PATTERNS)}, got {code}")
     if code not in ws.served_patterns:
@@ -253,13 +293,65 @@ def _as_pattern(pattern: object, ws: WorkspaceFacts) -> int:
     return code
 
 
-def reject_moe(a: dict[str, Any]) -> None:
-    """FlashInfer's MoE arguments must be None (allreduce_fusion calls this only when
-    one is not)."""
-    for name in MOE_ARGUMENTS:
-        if a[name] is not None:
-            raise ValueError(f"{name} is only for the MoE patterns 6 and 7, which arfusion "
-                             "does not support yet; pass None")
+def _check_moe(pattern: int, a: dict[str, Any], t: int, h: int, dtype: torch.dtype,
+               device: torch.device) -> None:
+    """Every MoE argument pattern 6 or 7 reads (`a`: the call's arguments; `t`, `h`:
+    residual_in's rows and the hidden size)."""
+    if pattern == MOE_REDUCTION:
+        e = a["moe_reduction_device_num_experts"]
+        if isinstance(e, torch.Tensor):
+            check_tensor("moe_reduction_device_num_experts", e, dtypes=(torch.int32,),
+                         shape=None, device=device)
+            if e.numel() != 1:
+                raise ValueError("moe_reduction_device_num_experts must be an int or a "
+                                 f"one-element int32 tensor, got {e.numel()} elements")
+            experts = None  # read when the call runs: the tensors must hold the maximum
+        elif e is None or isinstance(e, bool) or not hasattr(e, "__index__") \
+                or int(e.__index__()) < 0:
+            raise (TypeError if e is not None and not hasattr(e, "__index__") else ValueError)(
+                "pattern kMoEReductionARResidualRMSNorm requires "
+                "moe_reduction_device_num_experts, an int >= 0 (or a one-element int32 "
+                f"tensor), got {e!r}")
+        else:
+            experts = int(e.__index__())
+        for name, dt, per_expert in (("moe_reduction_scale_input", torch.float32, t),
+                                     ("moe_reduction_active_experts_token_input", dtype, t * h)):
+            v = a[name]
+            if v is None:
+                raise ValueError(f"pattern kMoEReductionARResidualRMSNorm requires {name}")
+            check_tensor(name, v, dtypes=(dt,), shape=None, device=device)
+            if experts is not None and v.numel() < experts * per_expert:
+                raise ValueError(f"{name} must hold at least {experts} x {per_expert} "
+                                 f"elements ([experts, tokens{', hidden' if dt == dtype else ''}"
+                                 f"], expert-major), got {v.numel()}")
+        return
+    idx = a["expanded_idx_to_permuted_idx"]
+    if idx is None:
+        raise ValueError("pattern kMoEFinalizeARResidualRMSNorm requires "
+                         "expanded_idx_to_permuted_idx")
+    check_tensor("expanded_idx_to_permuted_idx", idx, dtypes=(torch.int32,), shape=None,
+                 device=device)
+    if idx.dim() != 2 or idx.shape[0] != t or idx.shape[1] < 1:
+        raise ValueError("expanded_idx_to_permuted_idx must be 2-D [num_tokens, top_k] with "
+                         f"num_tokens = residual_in's {t} rows, got shape {list(idx.shape)}")
+    w = a["expert_scale_factor"]
+    if w is not None:
+        check_tensor("expert_scale_factor", w, dtypes=SUPPORTED_DTYPES, shape=tuple(idx.shape),
+                     device=device)
+    if a["shared_expert_output"] is not None:
+        check_tensor("shared_expert_output", a["shared_expert_output"], dtypes=(dtype,),
+                     shape=(t, h), device=device)
+
+
+def moe_inputs(pattern: int, a: dict[str, Any]) -> MoEInputs:
+    """A checked call's MoE inputs (`a`: the MoE arguments by name)."""
+    if pattern == MOE_REDUCTION:
+        e = a["moe_reduction_device_num_experts"]
+        return MoEInputs(num_experts=e if isinstance(e, torch.Tensor) else int(e),
+                         scale=a["moe_reduction_scale_input"],
+                         active=a["moe_reduction_active_experts_token_input"])
+    return MoEInputs(index=a["expanded_idx_to_permuted_idx"], expert_scale=a["expert_scale_factor"],
+                     shared=a["shared_expert_output"])
 
 
 def _check_group(value: object, hidden_dim: int, traits: PatternTraits) -> int:
@@ -334,26 +426,42 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     """Every signature-level check of a call (`a`: allreduce_fusion's arguments)."""
     pattern = _as_pattern(a["pattern"], ws)
     traits = PATTERNS[pattern]
-    x = a["input"]
+    # Pattern 6 reads its token input where the others read `input` (FlashInfer ignores
+    # `input` there); 7's `input` holds the permuted expert rows, residual_in the tokens.
+    xname = "moe_reduction_token_input" if pattern == MOE_REDUCTION else "input"
+    x = a[xname]
+    if x is None and pattern == MOE_REDUCTION:
+        raise ValueError(f"pattern {traits.name} requires moe_reduction_token_input")
+    a = {**a, "input": x}
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{xname} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(
-            f"input must be 2-D [num_tokens, hidden_dim], got shape {list(x.shape)}"
+            f"{xname} must be 2-D [num_tokens, hidden_dim], got shape {list(x.shape)}"
         )
     t, h = x.shape
     if t < 1 or h < 1:
-        raise ValueError(f"input must have at least one token and one column, got {[t, h]}")
+        raise ValueError(f"{xname} must have at least one token and one column, got {[t, h]}")
     if x.dtype not in SUPPORTED_DTYPES or x.element_size() != ws.dtype.itemsize:
         same_size = [d for d in SUPPORTED_DTYPES if d.itemsize == ws.dtype.itemsize]
         raise ValueError(
-            f"input must have a dtype of the workspace dtype's element size "
+            f"{xname} must have a dtype of the workspace dtype's element size "
             f"({_fmt_dtypes(same_size)} for a {ws.dtype} workspace), got {x.dtype}"
         )
     device = ws.device if ws.device is not None else x.device
     if device.type not in ("cpu", "cuda"):  # the torch backend serves either, nothing else
-        raise ValueError(f"input must be on the CPU or a CUDA device, got {x.device}")
-    check_tensor("input", x, dtypes=None, shape=None, device=device)
+        raise ValueError(f"{xname} must be on the CPU or a CUDA device, got {x.device}")
+    check_tensor(xname, x, dtypes=None, shape=None, device=device)
+    if pattern == MOE_FINALIZE:  # `input` has a row per routed copy; residual_in, a token
+        if a["residual_in"] is None:
+            raise ValueError(f"pattern {traits.name} requires residual_in (its rows are the "
+                             "tokens)")
+        if isinstance(a["residual_in"], torch.Tensor) and a["residual_in"].dim() == 2:
+            t = a["residual_in"].shape[0]
+    if pattern in MOE_PATTERNS and a["quant_out"] is not None:
+        raise ValueError(f"pattern {traits.name} does not quantise here: pass quant_out=None "
+                         "(NVFP4 after pattern 6 is not served yet; FlashInfer leaves 7's "
+                         "undefined)")
     use_oneshot = a["use_oneshot"]
     if use_oneshot is not None:
         use_oneshot = as_bool("use_oneshot", use_oneshot)
@@ -373,7 +481,8 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
                      device=device)
         _number("rms_eps", a["rms_eps"], DEFAULT_EPS)
         _number("weight_bias", a["weight_bias"], 0.0)
-    written = ["output"] if a["output"] is not None or not traits.norm else []
+    written = ["output"] if (a["output"] is not None or not traits.norm) \
+        and pattern != MOE_FINALIZE else []  # 7 never writes output, as FlashInfer
     if traits.norm:
         written.append("residual_out")
     if traits.norm_out:
@@ -446,6 +555,8 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
               else _nbytes(a[name]), ALIAS_OUTPUT) for name in written if a[name] is not None]
     spans += [(slot(name), _nbytes(a[name]), ALIAS_INPUT) for name in ("input", "residual_in")
               if name == "input" or traits.norm]
+    if pattern in MOE_PATTERNS:
+        _check_moe(pattern, a, t, h, x.dtype, device)
     if traits.norm:
         spans.append((slot("rms_gamma"), _nbytes(a["rms_gamma"]), ALIAS_NEVER))
     return Plan(
@@ -535,7 +646,8 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
                   residual_out: Any, norm_out: Any, quant_out: Any, scale_out: Any,
                   residual_in: Any, rms_gamma: Any, rms_eps: Any, scale_factor: Any,
                   layout_code: Any, use_oneshot: Any, weight_bias: Any,
-                  block_quant_group_size: Any = None) -> FusionCall:
+                  block_quant_group_size: Any = None,
+                  moe: dict[str, Any] | None = None) -> FusionCall:
     """Check one call (allreduce_fusion's arguments, in CALL_ARGUMENTS order) and
     allocate the outputs left as None. `real=False` (torch.compile tracing, fake
     tensors) skips the checks that read memory addresses."""
@@ -550,15 +662,20 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
                (scale_factor.dtype, scale_factor.device, scale_factor.numel() > 0)
                if isinstance(scale_factor, torch.Tensor) else scale_factor.__class__,
                *[None if t is None else (t.dtype, t.shape, t.device,
-                                         t.is_contiguous() or t.stride()) for t in passed])
+                                         t.is_contiguous() or t.stride()) for t in passed],
+               None if moe is None else tuple(
+                   (v.dtype, v.shape, v.device, v.is_contiguous())
+                   if isinstance(v, torch.Tensor) else (v.__class__, v) for v in moe.values()))
         plan = ws.plans.get(key)
     except (AttributeError, TypeError):  # a wrong type or an unhashable value
         key = plan = None
     if plan is None:
-        plan = _make_plan(ws, dict(zip(CALL_ARGUMENTS, (
-            input, pattern, launch_with_pdl, trigger_completion_at_end, output, residual_out,
-            norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps, scale_factor,
-            layout_code, use_oneshot, weight_bias, block_quant_group_size), strict=True)))
+        plan = _make_plan(ws, {**dict.fromkeys(MOE_ARGUMENTS), **(moe or {}), **dict(zip(
+            CALL_ARGUMENTS, (
+                input, pattern, launch_with_pdl, trigger_completion_at_end, output,
+                residual_out, norm_out, quant_out, scale_out, residual_in, rms_gamma, rms_eps,
+                scale_factor, layout_code, use_oneshot, weight_bias, block_quant_group_size),
+            strict=True))})
         if key is not None:
             ws.plans[key] = plan
     scale = _scale_value(plan, scale_factor) if plan.scale_mode != "none" else None
@@ -568,6 +685,12 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
     weight_bias = 0.0 if weight_bias is None else float(weight_bias)
     if not math.isfinite(weight_bias) and plan.traits.norm:
         raise ValueError(f"weight_bias must be finite, got {weight_bias}")
+    moe_in = None
+    if plan.pattern in MOE_PATTERNS:
+        moe = {**dict.fromkeys(MOE_ARGUMENTS), **moe}  # the plan checked them: not None
+        moe_in = moe_inputs(plan.pattern, moe)
+        if plan.pattern == MOE_REDUCTION:
+            passed = (moe["moe_reduction_token_input"], *passed[1:])
     ptrs, align = (), 0
     if real:
         tensors = (*passed, scale_factor)
@@ -583,7 +706,7 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
     if plan.alloc:
         out, fresh = list(passed), list(ptrs)
         for i, shape, dtype in plan.alloc:
-            out[i] = t = torch.empty(shape, dtype=dtype, device=input.device)
+            out[i] = t = torch.empty(shape, dtype=dtype, device=passed[0].device)
             if real:
                 fresh[i] = t.data_ptr()
         ptrs = tuple(fresh)
@@ -597,4 +720,4 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
                                                 plan.hidden_dim, plan.group)
         elif plan.scale_view is not None:
             out[SCALE_SLOT] = flat_view(out[SCALE_SLOT], plan.scale_view)
-    return FusionCall(tuple(out), rms_eps, weight_bias, scale, plan, ret, ptrs, align)
+    return FusionCall(tuple(out), rms_eps, weight_bias, scale, plan, ret, ptrs, align, moe_in)

@@ -41,8 +41,9 @@ from ..topology import Request
 from ..validation import FusionCall
 from ..workspace import AllReduceFusionWorkspace
 
-# The strategy is the kernels' business; the group size is the per-token-group FP8's.
-SIGNATURE = (*signature.FIELDS[:5], "block_quant_group_size")
+# The strategy is the kernels' business; the group size is the per-token-group FP8's,
+# the expert count and top_k the MoE patterns'.
+SIGNATURE = (*signature.FIELDS[:5], "block_quant_group_size", "num_experts", "top_k")
 
 
 def write_outputs(call: FusionCall, results: dict[str, torch.Tensor]) -> None:
@@ -120,7 +121,8 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         rank (module docstring)."""
         self._seq += 1
         mine = (self._seq, call.num_tokens, call.hidden_dim, str(call.input.dtype),
-                call.pattern, call.plan.group)
+                call.pattern, call.plan.group,
+                *(call.moe.signature(call.input) if call.moe else (0, 0)))
         if self._board is not None:
             self._board.post(self._seq)
         got: list[Any] = []
@@ -155,14 +157,15 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
         return [p.view(x.dtype) for p in parts]
 
     def run(self, call: FusionCall) -> None:
+        x = call.input if call.moe is None else call.moe.contribution(call.input)
         if self.world_size == 1:
-            inputs = [call.input]
+            inputs = [x]
         else:
             self._agree(call)
-            inputs = [t.to(call.input.device) for t in self._gather(call.input)]
+            inputs = [t.to(x.device) for t in self._gather(x)]
         results = reference.epilogue(
             reference.allreduce_sum(inputs),
-            call.input.dtype,
+            x.dtype,
             call.pattern,
             residual_in=call.residual_in,
             rms_gamma=call.rms_gamma,
