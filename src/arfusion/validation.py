@@ -306,13 +306,14 @@ def _check_moe(pattern: int, a: dict[str, Any], t: int, h: int, dtype: torch.dty
                 raise ValueError("moe_reduction_device_num_experts must be an int or a "
                                  f"one-element int32 tensor, got {e.numel()} elements")
             experts = None  # read when the call runs: the tensors must hold the maximum
-        elif e is None or isinstance(e, bool) or not hasattr(e, "__index__") \
-                or int(e.__index__()) < 0:
-            raise (TypeError if e is not None and not hasattr(e, "__index__") else ValueError)(
-                "pattern kMoEReductionARResidualRMSNorm requires "
-                "moe_reduction_device_num_experts, an int >= 0 (or a one-element int32 "
-                f"tensor), got {e!r}")
         else:
+            wanted = ("pattern kMoEReductionARResidualRMSNorm requires "
+                      "moe_reduction_device_num_experts, an int >= 0 (or a one-element int32 "
+                      f"tensor), got {e!r}")
+            if e is not None and (isinstance(e, bool) or not hasattr(e, "__index__")):
+                raise TypeError(wanted)
+            if e is None or int(e.__index__()) < 0:
+                raise ValueError(wanted)
             experts = int(e.__index__())
         for name, dt, per_expert in (("moe_reduction_scale_input", torch.float32, t),
                                      ("moe_reduction_active_experts_token_input", dtype, t * h)):
@@ -343,7 +344,7 @@ def _check_moe(pattern: int, a: dict[str, Any], t: int, h: int, dtype: torch.dty
                      shape=(t, h), device=device)
 
 
-def moe_inputs(pattern: int, a: dict[str, Any]) -> MoEInputs:
+def _moe_inputs(pattern: int, a: dict[str, Any]) -> MoEInputs:
     """A checked call's MoE inputs (`a`: the MoE arguments by name)."""
     if pattern == MOE_REDUCTION:
         e = a["moe_reduction_device_num_experts"]
@@ -688,7 +689,7 @@ def validate_call(ws: WorkspaceFacts, real: bool, input: Any, pattern: Any,
     moe_in = None
     if plan.pattern in MOE_PATTERNS:
         moe = {**dict.fromkeys(MOE_ARGUMENTS), **moe}  # the plan checked them: not None
-        moe_in = moe_inputs(plan.pattern, moe)
+        moe_in = _moe_inputs(plan.pattern, moe)
         if plan.pattern == MOE_REDUCTION:
             passed = (moe["moe_reduction_token_input"], *passed[1:])
     ptrs, align = (), 0
