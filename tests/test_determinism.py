@@ -15,7 +15,7 @@ import torch
 from arfusion import allreduce_fusion, create_allreduce_fusion_workspace, moe, reference
 from arfusion.comm import InProcessGroup
 from arfusion.patterns import MOE_PATTERNS, PATTERNS, Quant
-from arfusion.testing import Case, case_outputs, run_processes, run_ranks
+from arfusion.testing import Case, case_outputs, differing_elements, run_processes, run_ranks
 
 ROWS, H = 72, 48
 BATCHES = (1, 7, 64, ROWS)
@@ -47,14 +47,6 @@ def per_row(pattern: int, name: str, t: torch.Tensor, tokens: int, layout: int) 
     if name == "scale_out" and quant == Quant.GROUP_FP8:
         return moe.read_group_fp8_scales(t, tokens, H, 16)
     return t.contiguous().reshape(tokens, -1)
-
-
-def count_differing(got: torch.Tensor, want: torch.Tensor) -> int:
-    """Elements whose bits differ, a NaN matching any NaN (docs/contract.md: NaN outputs
-    are NaN, their bits unspecified)."""
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
-    nan = got.float().isnan() & want.float().isnan()
-    return int(((got.view(bits) != want.view(bits)) & ~nan).sum())
 
 
 def differing(rank: int, world: int, dtype: torch.dtype, comm=None) -> dict:
@@ -90,7 +82,7 @@ def differing(rank: int, world: int, dtype: torch.dtype, comm=None) -> dict:
                         got.setdefault(name, []).append(per_row(pattern, name, v, t, layout))
                 for name, parts in got.items():
                     want = per_row(pattern, name, ref[name], ROWS, layout)
-                    out[pattern, batch, name] = count_differing(torch.cat(parts), want)
+                    out[pattern, batch, name] = differing_elements(torch.cat(parts), want)
     return out
 
 

@@ -591,6 +591,14 @@ def _check_dequantised(got, n: torch.Tensor, case: Case, res: CheckResult,
         res.problems.append(f"dequantised: {int(bad.sum())} values beyond the format's bound")
 
 
+def differing_elements(got: torch.Tensor, want: torch.Tensor) -> int:
+    """Elements of two tensors of one dtype whose bits differ, a NaN matching any NaN
+    (docs/contract.md leaves NaN bits open)."""
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
+    nan = got.float().isnan() & want.float().isnan()
+    return int(((got.view(bits) != want.view(bits)) & ~nan).sum())
+
+
 def digest(tensors: dict[str, torch.Tensor | None]) -> str:
     """A hash of the outputs' bytes, for checking bit-equality across ranks."""
     h = hashlib.sha256()
