@@ -183,3 +183,47 @@ def test_two_ranks_reduce_what_each_builds_and_name_a_top_k_mismatch():
         assert torch.equal(bits(norm), bits(want["norm_out"])), rank
     for msg in run_processes(2, _two_ranks, (8, 6), timeout_s=120):
         assert "top_k: rank 0 8, rank 1 6" in msg, msg
+
+
+def test_torch_compile_carries_moe_and_group_arguments():
+    """Under torch.compile the call is one custom op (api._launch_op): pattern 7's index
+    map, weights and shared output and pattern 8's group size and strided scale_out
+    travel through it; the results equal the eager call's. The op's schema and fake
+    implementation pass torch.library.opcheck with them."""
+    from .test_group_fp8 import deepgemm_scales
+
+    x, kw = finalize_inputs(4, 64, 8, seed=21)
+    ws = create_allreduce_fusion_workspace("torch", world_size=1, rank=0, max_token_num=4,
+                                           hidden_dim=64, dtype=BF)
+
+    def finalize(x, idx, w, shared, res, gamma):
+        return allreduce_fusion(x, ws, 7, expanded_idx_to_permuted_idx=idx,
+                                expert_scale_factor=w, shared_expert_output=shared,
+                                residual_in=res, rms_gamma=gamma)
+
+    args = (x, kw["expanded_idx_to_permuted_idx"], kw["expert_scale_factor"],
+            kw["shared_expert_output"], kw["residual_in"], kw["rms_gamma"])
+    compiled = torch.compile(finalize, backend="aot_eager", fullgraph=True)
+    assert torch.equal(bits(compiled(*args)), bits(finalize(*args)))
+
+    def grouped(h, res, gamma, quant, scales):
+        allreduce_fusion(h, ws, 8, residual_in=res, rms_gamma=gamma, quant_out=quant,
+                         scale_out=scales, block_quant_group_size=16)
+        return quant
+
+    h = torch.randn(4, 64).to(BF)
+    got_q, got_s = torch.empty(4, 64, dtype=torch.float8_e4m3fn), deepgemm_scales(4, 64, 16)
+    want_q, want_s = torch.empty(4, 64, dtype=torch.float8_e4m3fn), deepgemm_scales(4, 64, 16)
+    torch.compile(grouped, backend="aot_eager")(h, kw["residual_in"], kw["rms_gamma"],
+                                                got_q, got_s[0])
+    grouped(h, kw["residual_in"], kw["rms_gamma"], want_q, want_s[0])
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(got_s[1], want_s[1])
+    torch.library.opcheck(
+        torch.ops.arfusion.allreduce_fusion_.default,
+        (x, id(ws), 7, False, True, None, torch.empty(4, 64, dtype=BF),
+         torch.empty(4, 64, dtype=BF), None, None, kw["residual_in"], kw["rms_gamma"], 1e-6,
+         None, -1.0, 0, -1, 0.0, -1, None, -1, None, None, kw["expanded_idx_to_permuted_idx"],
+         kw["expert_scale_factor"], kw["shared_expert_output"]),
+        test_utils=("test_schema", "test_faketensor"))
+    ws.destroy()

@@ -477,7 +477,7 @@ def test_torch_compile_and_custom_op():
     torch.library.opcheck(
         torch.ops.arfusion.allreduce_fusion_.default,
         (x, id(ws), 0, False, True, torch.empty_like(x), None, None, None, None, None, None,
-         1e-6, None, -1.0, 0, -1, 0.0),
+         1e-6, None, -1.0, 0, -1, 0.0, -1, None, -1, None, None, None, None, None),
         test_utils=("test_schema", "test_faketensor"))
     ws.destroy()
 
