@@ -95,7 +95,6 @@ class Plan:
     write_output: bool  # `output` receives cast(s)
     quant_view: torch.dtype | None  # flat view the kernel stores into (None: as passed)
     scale_view: torch.dtype | None
-    scale_bytes: int | None  # bytes of a strided scale_out's storage the call writes
     scale_mode: str  # "none", "value" (a float), "host" (CPU tensor), "device"
     returns: int  # POINTER_ORDER slot of the output allreduce_fusion returns
     written: tuple[str, ...]  # outputs this call writes
@@ -563,7 +562,7 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
     return Plan(
         pattern, traits, t, h, layout, group, use_oneshot, bool(a["launch_with_pdl"]),
         bool(a["trigger_completion_at_end"]), a["output"] is not None and traits.norm,
-        quant_view, scale_view, scale_bytes, scale_mode, returns, tuple(written),
+        quant_view, scale_view, scale_mode, returns, tuple(written),
         tuple((slot(name), *shapes[name]) for name in written if a[name] is None),
         carried, read_slots, tuple(spans))
 
