@@ -357,8 +357,43 @@ def test_creation_names_a_peer_with_bad_arguments_and_one_that_never_comes():
     assert "ranks [1] could not create their workspace (rank 1: ValueError: gpus_per_node" \
         in got[0][1]
     got = run_processes(2, _create_outcome, {1: None}, 2.0)
-    assert got[0][0] == "RuntimeError" and "ranks [1] did not join" in got[0][1], got
+    assert got[0][0] == "RuntimeError", got
+    assert "ranks [1] did not reach the workspace creation" in got[0][1]
     assert 2.0 <= got[0][2] < 5.0
+
+
+def _fail_after_meeting(rank: int, world_size: int, stay: bool, timeout_s: float) -> tuple:
+    """Rank 1 meets its peer, then fails in its backend's set-up (and stays alive, or
+    exits at once); the outcome of the creation on this rank (_create_outcome's)."""
+    import time
+
+    from arfusion.backends.torch import TorchAllReduceFusionWorkspace
+
+    def broken(self):
+        raise RuntimeError("injected: out of memory")
+
+    if rank == 1:
+        TorchAllReduceFusionWorkspace._arrival_board = broken
+    got = _create_outcome(rank, world_size, {}, timeout_s)
+    if rank == 1 and stay:
+        time.sleep(timeout_s + 2)
+    return got
+
+
+@pytest.mark.parametrize("stay", [True, False], ids=["peer-alive", "peer-exits"])
+def test_creation_names_a_peer_that_fails_after_the_meeting(stay):
+    """Every set-up exchange after the meeting is bounded too (issue 28 item 1): a peer
+    that fails there is named within the wait bound, not waited for."""
+    from arfusion.testing import run_processes
+
+    got = run_processes(2, _fail_after_meeting, stay, 2.0)
+    assert got[1][:2] == ("RuntimeError", "injected: out of memory"), got
+    kind, message, seconds = got[0]
+    assert kind == "RuntimeError", got
+    assert message.startswith("rank 0: ranks [1] did not reach the workspace set-up's "
+                              "board name"), message
+    assert "no workspace was created" in message
+    assert seconds < 5.0
 
 
 def test_creation_over_threads_names_mismatches_and_keeps_the_group_usable():

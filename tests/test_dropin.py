@@ -14,6 +14,7 @@ import torch
 
 from arfusion import AllReduceFusionPattern as P
 from arfusion import allreduce_fusion, create_allreduce_fusion_workspace
+from arfusion.comm import set_up
 from arfusion.memory import ABANDONED, SymmetricBuffer
 from arfusion.testing import run_processes, run_ranks
 
@@ -142,7 +143,7 @@ def test_run_processes_fails_at_once_when_a_rank_exits_without_reporting():
 
 class _Buffer(SymmetricBuffer):
     def __init__(self, comm):
-        super().__init__(comm, 16, torch.device("cpu"))
+        super().__init__(set_up(comm, 1.0), 16, torch.device("cpu"))
         self.freed = False
 
     def _free(self, timeout_s: float) -> bool:

@@ -11,11 +11,14 @@
 
 None of these is used on the hot path of `allreduce_fusion`.
 
-`join`, the first exchange of a workspace creation, gives up after `timeout_s` and
-names the ranks that never came, read from an `ArrivalBoard` (each rank posts how
-far it got before waiting: the process group's key-value store, or the in-process
-group's dict; MPI has neither, so there the message cannot name them). `bounded`
-runs any other collective with a time limit.
+Workspace creation never waits unbounded. `join`, its first exchange, and `set_up`,
+every exchange after it (handles, buffer pointers, the closing barrier), give up after
+`timeout_s` and name the ranks that never came, read from an `ArrivalBoard` (each rank
+posts how far it got before waiting: the process group's key-value store, or the
+in-process group's dict; MPI has neither, so there the message cannot name them).
+`set_up` is a bounded view used only while building: the transport is chosen from the
+comm itself, and what a workspace keeps is the comm itself. `bounded` runs any other
+collective with a time limit.
 """
 
 from __future__ import annotations
@@ -201,13 +204,19 @@ def is_in_process(comm: CommBackend | None) -> bool:
 
 
 def bounded(fn: Callable[[], object], timeout_s: float) -> bool:
-    """Run `fn` (a collective such as a barrier) for at most `timeout_s` seconds:
-    True if it returned, False if it raised or is still waiting (it is left behind
-    on a daemon thread; a peer that is gone never answers)."""
+    """Run `fn` (a collective such as a barrier) for at most `timeout_s` seconds, on
+    the caller's CUDA device (NCCL's object collectives run there): True if it
+    returned, False if it raised or is still waiting (it is left behind on a daemon
+    thread; a peer that is gone never answers)."""
     done = threading.Event()
+    device = _cuda_device()
 
     def target() -> None:
         try:
+            if device is not None:
+                import torch
+
+                torch.cuda.set_device(device)
             fn()
             done.set()
         except BaseException:  # noqa: BLE001 - a failed collective is a missing peer
@@ -293,6 +302,50 @@ def group_key(comm: CommBackend) -> str:
 _JOINS: dict[tuple[str, int], int] = {}
 
 
+class BoundedSteps:
+    """`comm`'s collectives, each waiting at most `timeout_s`, as numbered steps on the
+    arrival board under `prefix` (a step is posted before its wait): one that does not
+    complete is a RuntimeError saying which ranks never reached it. A peer that is gone
+    leaves its collective behind on a daemon thread (`bounded`), and the group with it."""
+
+    def __init__(self, comm: CommBackend, timeout_s: float, prefix: str, step: int = 0):
+        self.comm, self.timeout_s, self._step = comm, timeout_s, step
+        self._board = arrival_board(comm, prefix)
+
+    def Get_rank(self) -> int:
+        return self.comm.Get_rank()
+
+    def Get_size(self) -> int:
+        return self.comm.Get_size()
+
+    def allgather(self, obj: Any, what: str = "an exchange") -> tuple[Any, ...]:
+        return tuple(self._run(lambda: self.comm.allgather(obj), what))
+
+    def bcast(self, obj: Any, root: int, what: str = "a broadcast") -> Any:
+        return self._run(lambda: self.comm.bcast(obj, root), what)
+
+    def barrier(self, what: str = "a barrier") -> None:
+        self._run(self.comm.barrier, what)
+
+    def _run(self, fn: Callable[[], Any], what: str) -> Any:
+        self._step += 1
+        if self._board is not None:
+            self._board.post(self._step)
+        got: list[Any] = []
+        if bounded(lambda: got.append(fn()), self.timeout_s):
+            return got[0]
+        if self._board is None:
+            what = f"not every rank took part in {what}"
+        elif behind := self._board.behind(self._step):
+            what = (f"ranks {behind} did not reach {what} (they failed before it, or were "
+                    "never started)")
+        else:
+            what = (f"every rank reached {what}, but it did not complete (a peer exited or "
+                    "its process group broke)")
+        raise RuntimeError(f"rank {self.comm.Get_rank()}: {what} within {self.timeout_s:g} s; "
+                           "no workspace was created")
+
+
 def join(comm: CommBackend, ticket: Any, timeout_s: float) -> tuple[Any, ...]:
     """Every rank's `ticket` (workspace creation's first exchange), waiting at most
     `timeout_s`: RuntimeError naming the ranks that never came (a peer that failed
@@ -300,32 +353,17 @@ def join(comm: CommBackend, ticket: Any, timeout_s: float) -> tuple[Any, ...]:
     usable only if every rank took part in this one."""
     key = group_key(comm)
     mine = (key, comm.Get_rank())  # ranks may be threads of this process
-    step = _JOINS[mine] = _JOINS.get(mine, 0) + 1
-    board = arrival_board(comm, f"arfusion/join/{key}")
-    if board is not None:
-        board.post(step)
-    got: list[Any] = []
-    device = _cuda_device()
+    creation = _JOINS[mine] = _JOINS.get(mine, 0) + 1
+    steps = BoundedSteps(comm, timeout_s, f"arfusion/join/{key}", creation - 1)
+    return steps.allgather(ticket, "the workspace creation")
 
-    def exchange() -> None:
-        if device is not None:  # NCCL object collectives run on the current device
-            import torch
 
-            torch.cuda.set_device(device)
-        got.extend(comm.allgather(ticket))
-
-    if bounded(exchange, timeout_s):
-        return tuple(got)
-    rank = comm.Get_rank()
-    if board is None:
-        what = "not every rank joined the workspace creation"
-    elif behind := board.behind(step):
-        what = (f"ranks {behind} did not join the workspace creation (they failed before "
-                "it, or were never started)")
-    else:
-        what = ("every rank reached the workspace creation, but the exchange did not "
-                "complete (a peer exited or its process group broke)")
-    raise RuntimeError(f"rank {rank}: {what} within {timeout_s:g} s; no workspace was created")
+def set_up(comm: CommBackend, timeout_s: float) -> BoundedSteps:
+    """The bounded collectives of a workspace's set-up after `join` (every rank's
+    steps numbered alike: they joined the same creation)."""
+    key = group_key(comm)
+    creation = _JOINS.get((key, comm.Get_rank()), 0)
+    return BoundedSteps(comm, timeout_s, f"arfusion/setup/{key}/{creation}")
 
 
 def _cuda_device() -> int | None:

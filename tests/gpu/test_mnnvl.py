@@ -14,7 +14,7 @@ from arfusion import (
     heuristics,
     sizing,
 )
-from arfusion.comm import TorchDistBackend
+from arfusion.comm import TorchDistBackend, set_up
 from arfusion.mnnvl import MNNVLAllreduceFusionStrategy
 from arfusion.testing import Case, precompile_cases, run_case, run_processes, run_ranks
 
@@ -35,7 +35,7 @@ def _posix_fd_rank(rank, world_size, cycles):
         if i == 1:  # after one round: the driver's own start-up memory is in use
             torch.cuda.synchronize()
             free_before = torch.cuda.mem_get_info(device)[0]
-        buf = CuMemBuffer(comm, NBYTES, device)
+        buf = CuMemBuffer(set_up(comm, 30.0), NBYTES, device)
         kinds.add(buf.handle_type.name)
         buf.local.fill_(rank + 1)
         torch.cuda.synchronize()

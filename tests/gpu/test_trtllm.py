@@ -26,7 +26,7 @@ from arfusion import (
     create_allreduce_fusion_workspace,
     reference,
 )
-from arfusion.comm import TorchDistBackend
+from arfusion.comm import TorchDistBackend, set_up
 from arfusion.patterns import KERNEL_PATTERNS, PATTERNS, Quant
 from arfusion.testing import (
     Case,
@@ -512,7 +512,7 @@ def _ipc_rank(rank, world_size):
         if i == 1:  # after one round: the CUDA runtime's own start-up memory is in use
             torch.cuda.synchronize()
             free_before = torch.cuda.mem_get_info(device)[0]
-        buf = CudaIpcBuffer(comm, 4 << 20, device)
+        buf = CudaIpcBuffer(set_up(comm, 30.0), 4 << 20, device)
         buf.local.fill_(rank + 1)
         torch.cuda.synchronize()
         comm.barrier()

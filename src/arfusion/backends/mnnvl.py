@@ -75,7 +75,8 @@ class MNNVLAllReduceFusionWorkspace(SymmetricWorkspace):
         super().__init__(
             world_size, rank, max_token_num, hidden_dim, dtype, device,
             oneshot_elements=oneshot_elements,
-            buffer_factory=lambda nbytes: CuMemBuffer(comm, nbytes, device),
+            comm=comm,
+            buffer_factory=lambda nbytes, setup: CuMemBuffer(setup, nbytes, device),
             timeout_s=timeout_s,
         )
 

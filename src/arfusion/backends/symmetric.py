@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import heuristics, signature, sizing
-from ..comm import CommBackend
+from ..comm import BoundedSteps, CommBackend, set_up
 from ..memory import SymmetricBuffer, ranks_on_my_gpu
 from ..patterns import KERNEL_PATTERNS
 from ..validation import FusionCall
@@ -54,7 +54,8 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
         dtype: torch.dtype,
         device: torch.device,
         oneshot_elements: int,
-        buffer_factory: Callable[[int], SymmetricBuffer],
+        comm: CommBackend,
+        buffer_factory: Callable[[int, BoundedSteps], SymmetricBuffer],
         timeout_s: float | None = None,
     ):
         super().__init__(world_size, rank, max_token_num, hidden_dim, dtype, device)
@@ -65,36 +66,41 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
             elems, sizing.oneshot_fit(world_size, self.buf_stride))
         nbytes = sizing.buffer_bytes(world_size, elems, oneshot_elements, dtype)
         self.timeout_s = timeout_s
-        self._buffer: SymmetricBuffer = buffer_factory(nbytes)
+        setup = set_up(comm, self.timeout_s)  # every set-up exchange bounded
+        self._buffer: SymmetricBuffer = buffer_factory(nbytes, setup)
         buf = self._buffer
-        buf.local.fill_(0xFF)  # every element starts as the sentinel
-        deltas = [p - buf.peer_ptrs[rank] for p in buf.peer_ptrs]
-        if any(d % (16 * dtype.itemsize) for d in deltas):
-            raise RuntimeError("peer buffers are not 16-element aligned")
-        self._state = torch.zeros(launch.STATE_SIZE, dtype=torch.int64, device=device)
-        self._err = torch.zeros(launch.error_words(world_size), dtype=torch.int32,
-                                pin_memory=True)
-        self._err_np: np.ndarray = self._err.numpy()
-        sharing = ranks_on_my_gpu(buf.comm, device)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        self._res = launch.Resources(
-            buf=buf.local.view(launch.BITS[dtype.itemsize]),
-            deltas=torch.tensor([d // dtype.itemsize for d in deltas], dtype=torch.int64,
-                                device=device),
-            state=self._state,
-            err_addr=self._err.data_ptr(),
-            rank=rank,
-            world_size=world_size,
-            buf_stride=self.buf_stride,
-            max_programs=max(1, sms // sharing),
-            dummy={d: torch.zeros(1, dtype=d, device=device)
-                   for d in (torch.uint8, torch.float32)},
-        )
-        self._launch = launch.Launcher(self._res, self.picks_oneshot)
-        self._unsigned_plans: dict = {}  # without_signature's plans, kept apart
-        self.footprint_bytes = nbytes
-        torch.cuda.synchronize(device)
-        buf.comm.barrier()  # no peer writes into a buffer that is not yet initialised
+        try:
+            buf.local.fill_(0xFF)  # every element starts as the sentinel
+            deltas = [p - buf.peer_ptrs[rank] for p in buf.peer_ptrs]
+            if any(d % (16 * dtype.itemsize) for d in deltas):
+                raise RuntimeError("peer buffers are not 16-element aligned")
+            self._state = torch.zeros(launch.STATE_SIZE, dtype=torch.int64, device=device)
+            self._err = torch.zeros(launch.error_words(world_size), dtype=torch.int32,
+                                    pin_memory=True)
+            self._err_np: np.ndarray = self._err.numpy()
+            sharing = ranks_on_my_gpu(setup, device)
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self._res = launch.Resources(
+                buf=buf.local.view(launch.BITS[dtype.itemsize]),
+                deltas=torch.tensor([d // dtype.itemsize for d in deltas], dtype=torch.int64,
+                                    device=device),
+                state=self._state,
+                err_addr=self._err.data_ptr(),
+                rank=rank,
+                world_size=world_size,
+                buf_stride=self.buf_stride,
+                max_programs=max(1, sms // sharing),
+                dummy={d: torch.zeros(1, dtype=d, device=device)
+                       for d in (torch.uint8, torch.float32)},
+            )
+            self._launch = launch.Launcher(self._res, self.picks_oneshot)
+            self._unsigned_plans: dict = {}  # without_signature's plans, kept apart
+            self.footprint_bytes = nbytes
+            torch.cuda.synchronize(device)
+            setup.barrier("the workspace set-up's last barrier")  # buffers initialised
+        except BaseException:
+            buf.abandon()  # a peer may hold our buffer
+            raise
         self._mark_ready()
 
     def capacity(self, use_oneshot: bool | None = None) -> int:

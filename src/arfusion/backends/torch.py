@@ -36,6 +36,7 @@ from ..comm import (
     arrival_board,
     bounded,
     is_in_process,
+    set_up,
 )
 from ..topology import Request
 from ..validation import FusionCall
@@ -97,7 +98,9 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
 
     def _arrival_board(self) -> ArrivalBoard | None:
         comm = self._comm if self._comm is not None else TorchDistBackend(self._group)
-        return arrival_board(comm, f"arfusion/{comm.bcast(uuid.uuid4().hex, 0)}")
+        name = set_up(comm, self.timeout_s).bcast(uuid.uuid4().hex, 0,
+                                                  "the workspace set-up's board name")
+        return arrival_board(comm, f"arfusion/{name}")
 
     @classmethod
     def create(cls, req: Request) -> TorchAllReduceFusionWorkspace:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..comm import CommBackend
+from ..comm import CommBackend, default_comm
 from ..memory import open_buffer
 from ..topology import Request
 from .symmetric import SymmetricWorkspace
@@ -37,8 +37,9 @@ class TRTLLMAllReduceFusionWorkspace(SymmetricWorkspace):
         super().__init__(
             tp_size, tp_rank, max_token_num, hidden_dim, dtype, device,
             oneshot_elements=max_token_num * hidden_dim,
-            buffer_factory=lambda nbytes: open_buffer(nbytes, device, tp_size, comm_backend,
-                                                      group),
+            comm=default_comm(tp_size, comm_backend, group),
+            buffer_factory=lambda nbytes, setup: open_buffer(nbytes, device, setup,
+                                                             comm_backend is None, group),
             timeout_s=timeout_s,
         )
 

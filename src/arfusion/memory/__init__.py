@@ -14,10 +14,12 @@ peer's byte i at `peer_ptrs[p] + i` with ordinary loads and stores. No multicast
 | `torch_symm.TorchSymmBuffer` | a torch.distributed group, one GPU per rank |
 | `cumem.CuMemBuffer` | the `mnnvl` backend: CUDA virtual memory, FABRIC or POSIX fd handles |
 
-Creating is collective. `close(timeout_s)` waits for this device, then for the
+Creating is collective: every exchange goes through `setup` (`comm.set_up`: bounded,
+a peer that failed on its way is named), and the buffer keeps the plain comm
+(`setup.comm`). `close(timeout_s)` waits for this device, then for the
 peers at most `timeout_s` (a barrier on a helper thread): if all meet, nobody
 can still be reading or writing, and everything is freed. If a peer does not
-come (it died, or its process group is gone), `_abandon` frees only what is safe
+come (it died, or its process group is gone), `abandon` frees only what is safe
 without it, per transport:
 
 - in_process: everything (peers hold references to our tensor: the memory lives
@@ -40,17 +42,17 @@ from typing import Any
 
 import torch
 
-from ..comm import CommBackend, bounded, default_comm, is_in_process
+from ..comm import BoundedSteps, CommBackend, bounded, is_in_process
 
 # Buffers closed without meeting every peer: what was not safe to free stays here.
 ABANDONED: list[SymmetricBuffer] = []
 
 
 class SymmetricBuffer(abc.ABC):
-    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device):
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.world_size = comm.Get_size()
+    def __init__(self, setup: BoundedSteps, nbytes: int, device: torch.device):
+        self.comm: CommBackend = setup.comm
+        self.rank = setup.Get_rank()
+        self.world_size = setup.Get_size()
         self.nbytes = nbytes
         self.device = device
         self.local: torch.Tensor
@@ -67,15 +69,16 @@ class SymmetricBuffer(abc.ABC):
             torch.cuda.synchronize(self.device)
         if bounded(self.comm.barrier, timeout_s):
             return self._free(timeout_s)
-        self._abandon()
+        self.abandon()
         return False
 
     @abc.abstractmethod
     def _free(self, timeout_s: float) -> bool:
         """Free everything (all ranks are here); False if that turned out unsafe."""
 
-    def _abandon(self) -> None:
-        """Without the peers: keep everything alive until the process exits."""
+    def abandon(self) -> None:
+        """Without the peers (they did not come to the close, or the workspace's set-up
+        failed): keep everything alive until the process exits."""
         ABANDONED.append(self)
 
 
@@ -106,29 +109,24 @@ def wrap_pointer(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
 
 
-def ranks_on_my_gpu(comm: CommBackend, device: torch.device) -> int:
-    """How many ranks of `comm` (this one included) use this rank's GPU (collective)."""
+def ranks_on_my_gpu(setup: BoundedSteps, device: torch.device) -> int:
+    """How many ranks (this one included) use this rank's GPU (collective)."""
     me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
-    return comm.allgather(me).count(me)
+    return setup.allgather(me, "the workspace set-up's GPU census").count(me)
 
 
-def open_buffer(
-    nbytes: int,
-    device: torch.device,
-    world_size: int,
-    comm_backend: CommBackend | None,
-    group: Any,
-) -> SymmetricBuffer:
-    """Allocate and exchange one symmetric buffer for `trtllm` (collective)."""
-    comm = default_comm(world_size, comm_backend, group)
-    if is_in_process(comm):
+def open_buffer(nbytes: int, device: torch.device, setup: BoundedSteps, own_comm: bool,
+                group: Any) -> SymmetricBuffer:
+    """Allocate and exchange one symmetric buffer for `trtllm` (collective). `own_comm`:
+    the ranks meet through arfusion's default rendezvous (no `comm_backend` given)."""
+    if is_in_process(setup.comm):
         from .in_process import InProcessBuffer
 
-        return InProcessBuffer(comm, nbytes, device)
-    if comm_backend is None and ranks_on_my_gpu(comm, device) == 1:
+        return InProcessBuffer(setup, nbytes, device)
+    if own_comm and ranks_on_my_gpu(setup, device) == 1:
         from .torch_symm import TorchSymmBuffer
 
-        return TorchSymmBuffer(comm, nbytes, device, group)
+        return TorchSymmBuffer(setup, nbytes, device, group)
     from .cuda_ipc import CudaIpcBuffer
 
-    return CudaIpcBuffer(comm, nbytes, device)
+    return CudaIpcBuffer(setup, nbytes, device)

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import CommBackend, bounded
+from ..comm import BoundedSteps, bounded
 from . import ABANDONED, SymmetricBuffer, check, wrap_pointer
 
 
 class CudaIpcBuffer(SymmetricBuffer):
-    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device):
+    def __init__(self, setup: BoundedSteps, nbytes: int, device: torch.device):
         from cuda.bindings import runtime as rt
 
-        super().__init__(comm, nbytes, device)
+        super().__init__(setup, nbytes, device)
         with torch.cuda.device(device):
             self._ptr = int(check(rt.cudaMalloc(nbytes)))
             handle = check(rt.cudaIpcGetMemHandle(self._ptr))
         self.local = wrap_pointer(self._ptr, nbytes, device)
-        handles = comm.allgather(bytes(handle.reserved))
+        try:
+            handles = setup.allgather(bytes(handle.reserved), "the workspace set-up's "
+                                      "handle exchange")
+        except RuntimeError:
+            self.abandon()  # a peer may have our handle: keep the buffer
+            raise
         self._opened: list[int] = []
         self.peer_ptrs = []
         with torch.cuda.device(device):

@@ -27,7 +27,7 @@ import uuid
 
 import torch
 
-from ..comm import CommBackend, is_in_process
+from ..comm import BoundedSteps, is_in_process
 from . import SymmetricBuffer, check, wrap_pointer
 
 
@@ -80,14 +80,15 @@ def _allocation_prop(drv, device: torch.device, handle_type):
 
 
 class CuMemBuffer(SymmetricBuffer):
-    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device):
-        super().__init__(comm, nbytes, device)
+    def __init__(self, setup: BoundedSteps, nbytes: int, device: torch.device):
+        super().__init__(setup, nbytes, device)
         drv = self._drv = _driver()
-        in_process = is_in_process(comm)
+        in_process = is_in_process(setup.comm)
+        census = "the workspace set-up's device census"
         # Threads of one process use each other's mappings: grant all their devices.
-        self._devices = sorted(set(comm.allgather(device.index))) if in_process \
+        self._devices = sorted(set(setup.allgather(device.index, census))) if in_process \
             else [device.index]
-        use_fabric = not in_process and all(comm.allgather(fabric_supported(device)))
+        use_fabric = not in_process and all(setup.allgather(fabric_supported(device), census))
         handle_types = drv.CUmemAllocationHandleType
         self.handle_type = (handle_types.CU_MEM_HANDLE_TYPE_FABRIC if use_fabric
                             else handle_types.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
@@ -102,15 +103,17 @@ class CuMemBuffer(SymmetricBuffer):
             local = self._map(self._handle)
         self.local = wrap_pointer(local, nbytes, device)
         self._in_process = in_process
-        if in_process:
-            self.peer_ptrs = list(comm.allgather(local))
-            return
-        if use_fabric:
+        exchange = "the workspace set-up's handle exchange"
+        try:
+            if in_process:
+                self.peer_ptrs = list(setup.allgather(local, exchange))
+                return
             exported = check(drv.cuMemExportToShareableHandle(self._handle, self.handle_type, 0))
-            peers = comm.allgather(bytes(exported.data))
-        else:
-            peers = exchange_fds(comm, check(drv.cuMemExportToShareableHandle(
-                self._handle, self.handle_type, 0)))
+            peers = (setup.allgather(bytes(exported.data), exchange) if use_fabric
+                     else exchange_fds(setup, exported))
+        except RuntimeError:
+            self.abandon()
+            raise
         self.peer_ptrs = []
         with torch.cuda.device(device):
             for r, shared in enumerate(peers):
@@ -147,9 +150,9 @@ class CuMemBuffer(SymmetricBuffer):
         finally:
             check(drv.cuMemRelease(handle))  # the mapping keeps the memory alive
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         if self._in_process:
-            super()._abandon()
+            super().abandon()
         else:
             self._free(0.0)
 
@@ -165,16 +168,16 @@ class CuMemBuffer(SymmetricBuffer):
         return True
 
 
-def exchange_fds(comm: CommBackend, fd: int) -> list[int | None]:
+def exchange_fds(setup: BoundedSteps, fd: int) -> list[int | None]:
     """Every rank's file descriptor, as a descriptor valid in this process (None for
     this rank's own). Each rank listens on an abstract Unix socket, and sends its
     descriptor to every peer over SCM_RIGHTS. Collective."""
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank, size = setup.Get_rank(), setup.Get_size()
     name = f"\0arfusion-{uuid.uuid4().hex}-{rank}"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(name)
     server.listen(size)
-    names = comm.allgather(name)
+    names = setup.allgather(name, "the workspace set-up's socket names")
     received: dict[int, int] = {}
 
     def accept() -> None:
@@ -195,7 +198,7 @@ def exchange_fds(comm: CommBackend, fd: int) -> list[int | None]:
         listener.join(timeout=120)
         if listener.is_alive() or len(received) != size - 1:
             raise RuntimeError("file-descriptor exchange with the peers did not complete")
-        comm.barrier()
+        setup.barrier("the workspace set-up's descriptor exchange")
     finally:
         server.close()
         os.close(fd)

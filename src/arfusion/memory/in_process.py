@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import CommBackend
+from ..comm import BoundedSteps
 from . import SymmetricBuffer
 
 
 class InProcessBuffer(SymmetricBuffer):
-    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device):
-        super().__init__(comm, nbytes, device)
+    def __init__(self, setup: BoundedSteps, nbytes: int, device: torch.device):
+        super().__init__(setup, nbytes, device)
         self.local = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self._all = comm.allgather(self.local)
+        self._all = setup.allgather(self.local, "the workspace set-up's buffer exchange")
         self.peer_ptrs = [t.data_ptr() for t in self._all]
 
     def _free(self, timeout_s: float) -> bool:
         del self._all, self.local
         return True
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         self._free(0.0)  # the peers' references keep the memory alive for them

@@ -11,19 +11,21 @@ from typing import Any
 
 import torch
 
-from ..comm import CommBackend
+from ..comm import BoundedSteps
 from . import SymmetricBuffer
 
 
 class TorchSymmBuffer(SymmetricBuffer):
-    def __init__(self, comm: CommBackend, nbytes: int, device: torch.device, group: Any):
+    def __init__(self, setup: BoundedSteps, nbytes: int, device: torch.device, group: Any):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-        super().__init__(comm, nbytes, device)
+        super().__init__(setup, nbytes, device)
         group = group if group is not None else dist.group.WORLD
         self.local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        # Bounded: rendezvous itself is not, so every rank must have allocated first.
+        setup.barrier("the workspace set-up's allocation")
         self._handle = symm_mem.rendezvous(self.local, group)
         self.peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
 
