@@ -15,7 +15,17 @@ public behaviour, not copied):
 - FlashInfer's unified-API tests: each rank its own residual and gamma, every
   output passed for every pattern, byte
   buffers of other dtypes for quant_out/scale_out, scale_factor tensors of
-  other dtypes, fp16 calls on a bf16 workspace.
+  other dtypes, fp16 calls on a bf16 workspace;
+- the MoE and group-FP8 callers of ../shared/MOE-PATTERNS.md section 4
+  (`moe_scenarios`): TensorRT-LLM's DeepSeek/Kimi finalize (H 7168, top_k 8, weights
+  in the input dtype, a shared expert, fresh norm_out/residual_out), Qwen3-MoE (no
+  shared expert, H 4096 and 2048), SGLang's index map and weights reshaped to
+  [T, top_k] (weights cast to bf16), Llama-4's reduction (H 5120, T <= 8, fp32 scales
+  [E, T], a device expert count), vLLM's DeepGEMM group FP8 (G 128, patterns 8 and 9,
+  T % 4 != 0 and Kg % 4 != 0, the scale buffer pre-filled with 0x7F7F7F7F) and the
+  third-party G = 32 caller (weight_bias 1, residual_out=input, scale_out an int32
+  view of a larger byte buffer). Index maps are permutations into expert blocks padded
+  to 8 rows, with -1 slots and a row two tokens read; unreferenced rows are NaN.
 
 `run_scenarios(ws, rank, world, device, seed, exact, meet)` runs them all on one
 rank (every rank must call it) and returns a list of (label, CheckResult, digest).
@@ -30,7 +40,7 @@ import functools
 import torch
 
 from arfusion import AllReduceFusionPattern as P
-from arfusion import allreduce_fusion, reference
+from arfusion import allreduce_fusion, moe, reference
 from arfusion.patterns import MOE_PATTERNS, NVFP4_BLOCK, PATTERNS, Quant, sf_size
 from arfusion.testing import Case, check_outputs, poison, shared_digest
 
@@ -239,6 +249,172 @@ def flashinfer_test_scenarios(ws, rank, world, device, seed, t, h, dtype, exact,
     return results
 
 
+def _routed_rows(g: torch.Generator, t: int, top_k: int, h: int, dtype, device):
+    """(permuted rows [P, H], index map int32 [T, top_k]): each routed copy a row of an
+    expert block padded to 8 rows, a dropped slot (-1), a row two tokens read, the rows
+    no index names NaN."""
+    copies = t * top_k
+    blocks = torch.randint(0, 4, (copies,), generator=g)  # 4 experts on this rank
+    rows, start = torch.empty(copies, dtype=torch.int64), 0
+    for e in range(4):
+        mine = (blocks == e).nonzero().flatten()
+        rows[mine] = start + torch.arange(len(mine))
+        start += -(-len(mine) // 8) * 8
+    idx = rows.reshape(t, top_k).to(torch.int32)
+    idx[0, -1] = -1
+    if t > 1:
+        idx[1, 0] = idx[0, 0]
+    permuted = torch.full((max(start, 1), h), float("nan"))
+    used = idx[idx >= 0].long().unique()
+    permuted[used] = torch.randn(len(used), h, generator=g)
+    return permuted.to(dtype).to(device), idx.to(device)
+
+
+def _finalize_call(ws, rank, world, device, seed, t, h, top_k, shared, sglang, exact, meet,
+                   label):
+    """TensorRT-LLM's finalize (SGLang's when `sglang`: flat index map and fp32 weights
+    reshaped to [T, top_k], weights cast to bf16); fresh norm_out and residual_out."""
+    dtype = ws.dtype
+    case = Case(P.kMoEFinalizeARResidualRMSNorm, t, h, dtype, seed=seed, replicated=True)
+    kw = case.own(rank, device)
+    mine = None
+    contributions = []
+    for r in range(world):  # every rank's own experts, drawn alike on every rank
+        g = torch.Generator().manual_seed(seed * 1009 + r)
+        rows, idx = _routed_rows(g, t, top_k, h, dtype, device)
+        w = torch.rand(t * top_k if sglang else (t, top_k), generator=g)
+        w = (w.to(torch.bfloat16) if sglang else w.to(dtype)).to(device)
+        sh = torch.randn(t, h, generator=g).to(dtype).to(device) if shared else None
+        if sglang:  # SGLang's [T * top_k] tensors, reshaped as its fused call does
+            idx, w = idx.reshape(-1).view(t, top_k), w.view(t, top_k)
+        contributions.append(moe.moe_finalize_input(rows, idx, w, sh))
+        if r == rank:
+            mine = (rows, idx, w, sh)
+    rows, idx, w, sh = mine
+    ref = reference.reference_allreduce_fusion(
+        contributions, P.kMoEFinalizeARResidualRMSNorm, residual_in=kw["residual_in"],
+        rms_gamma=kw["rms_gamma"], rms_eps=1e-5)
+    residual_out = torch.empty_like(kw["residual_in"])
+    norm_out = torch.empty_like(kw["residual_in"])
+    ret = meet(functools.partial(
+        allreduce_fusion, input=rows, workspace=ws, pattern=P.kMoEFinalizeARResidualRMSNorm,
+        launch_with_pdl=True, residual_in=kw["residual_in"], residual_out=residual_out,
+        norm_out=norm_out, rms_gamma=kw["rms_gamma"], rms_eps=1e-5,
+        expanded_idx_to_permuted_idx=idx, expert_scale_factor=w, shared_expert_output=sh))
+    if ret is not norm_out:
+        raise AssertionError("a passed norm_out must be returned")
+    return _check(label, {"residual_out": residual_out, "norm_out": norm_out}, ref, case,
+                  exact)
+
+
+def _llama4_reduction(ws, rank, world, device, seed, t, h, exact, meet):
+    """TensorRT-LLM's Llama-4 min-latency call: a device expert count, fp32 scores
+    [E, T], the active experts' outputs [E, T, H], the shared output as token input;
+    buffers sized for more experts than are active."""
+    dtype, active = ws.dtype, 3
+    case = Case(P.kMoEReductionARResidualRMSNorm, t, h, dtype, seed=seed, replicated=True)
+    kw = case.own(rank, device)
+    contributions, mine = [], None
+    for r in range(world):
+        g = torch.Generator().manual_seed(seed * 2003 + r)
+        outs = torch.randn(active + 2, t, h, generator=g).to(dtype).to(device)
+        score = torch.rand(active + 2, t, generator=g).to(device)
+        token = torch.randn(t, h, generator=g).to(dtype).to(device)
+        contributions.append(moe.moe_reduction_input(outs, score, token, active))
+        if r == rank:
+            mine = (outs, score, token)
+    outs, score, token = mine
+    ref = reference.reference_allreduce_fusion(
+        contributions, P.kMoEReductionARResidualRMSNorm, residual_in=kw["residual_in"],
+        rms_gamma=kw["rms_gamma"], rms_eps=1e-5)
+    residual_out = torch.empty_like(kw["residual_in"])
+    norm_out = torch.empty_like(kw["residual_in"])
+    meet(functools.partial(
+        allreduce_fusion, input=token, workspace=ws,
+        pattern=P.kMoEReductionARResidualRMSNorm, launch_with_pdl=True,
+        residual_in=kw["residual_in"], residual_out=residual_out, norm_out=norm_out,
+        rms_gamma=kw["rms_gamma"], rms_eps=1e-5,
+        moe_reduction_device_num_experts=torch.tensor([active], dtype=torch.int32,
+                                                      device=device),
+        moe_reduction_scale_input=score, moe_reduction_active_experts_token_input=outs,
+        moe_reduction_token_input=token))
+    return _check(f"llama4 reduction {t}x{h} {dtype}",
+                  {"residual_out": residual_out, "norm_out": norm_out}, ref, case, exact)
+
+
+def _group_fp8_call(ws, rank, world, device, seed, pattern, t, h, group, plugin, exact, meet):
+    """vLLM's DeepGEMM call (a DeepGEMM-shaped scale tensor pre-filled with 0x7F7F7F7F,
+    norm_out for 9), or the third-party plugin's (`plugin`: weight_bias 1, residual_out =
+    input in place, no norm_out, scale_out an int32 view of a larger byte buffer)."""
+    dtype = ws.dtype
+    case = Case(pattern, t, h, dtype, seed=seed, replicated=True, group=group,
+                weight_bias=1.0 if plugin else 0.0)
+    kw = case.own(rank, device)
+    inputs = [case.input(r, device) for r in range(world)]
+    ref = reference.reference_allreduce_fusion(
+        inputs, pattern, residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"],
+        weight_bias=case.weight_bias, block_quant_group_size=group)
+    kg = h // group
+    kp, tm = -(-kg // 4), -(-t // 4) * 4
+    if plugin:
+        raw = torch.full((4 * (t + (kp - 1) * tm) + 64,), 0x7F, dtype=torch.uint8,
+                         device=device)
+        scale_out = raw.view(torch.int32).as_strided((t, kp), (1, tm))
+    else:
+        scale_out = torch.full((kp, tm), 0x7F7F7F7F, dtype=torch.int32,
+                               device=device).t()[:t]
+    x = inputs[rank].clone()
+    quant_out = poison(torch.empty(t, h, dtype=torch.float8_e4m3fn, device=device))
+    out = {"quant_out": quant_out, "scale_out": scale_out}
+    if plugin:
+        out["residual_out"] = x
+    else:
+        out["residual_out"] = torch.empty_like(x)
+        if PATTERNS[pattern].norm_out:
+            out["norm_out"] = torch.empty_like(x)
+    meet(functools.partial(
+        allreduce_fusion, input=x, workspace=ws, pattern=pattern, launch_with_pdl=True,
+        residual_in=kw["residual_in"], rms_gamma=kw["rms_gamma"], rms_eps=1e-6,
+        weight_bias=case.weight_bias, fp32_acc=True, block_quant_group_size=group,
+        layout_code=0 if plugin else None, **out))
+    who = "plugin" if plugin else "vllm deepgemm"
+    return _check(f"{who} {PATTERNS[pattern].name} G{group} {t}x{h} {dtype}", out, ref, case,
+                  exact)
+
+
+def moe_scenarios(ws, rank, world, device, seed, exact, meet=_direct) -> list:
+    """The MoE and group-FP8 callers (module docstring), at shapes that fit a workspace
+    of `ws.capacity()` elements, on the patterns `ws` serves."""
+    results = []
+    fits = lambda t, h: t * h <= ws.capacity()  # noqa: E731
+    served = set(ws.served_patterns)
+    if P.kMoEFinalizeARResidualRMSNorm in served:
+        for label, t, h, top_k, shared, sglang in (
+                ("trtllm deepseek finalize", 9, 7168, 8, True, False),
+                ("trtllm qwen3 finalize", 13, 4096, 8, False, False),
+                ("trtllm qwen3 finalize", 30, 2048, 8, False, False),
+                ("sglang kimi finalize", 1, 7168, 8, True, True)):
+            if fits(t, h):
+                results.append(_finalize_call(
+                    ws, rank, world, device, seed * 7 + t, t, h, top_k, shared, sglang, exact,
+                    meet, f"{label} {t}x{h} top_k {top_k} {ws.dtype}"))
+    if P.kMoEReductionARResidualRMSNorm in served and fits(8, 5120):
+        for t in (1, 8):
+            results.append(_llama4_reduction(ws, rank, world, device, seed * 11 + t, t, 5120,
+                                             exact, meet))
+    for pattern in (P.kARResidualRMSNormPerTokenGroupFP8PackedQuant,
+                    P.kARResidualRMSNormOutPerTokenGroupFP8PackedQuant):
+        if pattern not in served:
+            continue
+        for t, h, group, plugin in ((7, 1664, 128, False), (9, 7168, 128, False),
+                                    (11, 5120, 32, True)):
+            if fits(t, h) and (pattern == P.kARResidualRMSNormPerTokenGroupFP8PackedQuant
+                               or not plugin):
+                results.append(_group_fp8_call(ws, rank, world, device, seed * 13 + t,
+                                               pattern, t, h, group, plugin, exact, meet))
+    return results
+
+
 def _all_poison(t: torch.Tensor) -> bool:
     if t.dtype == torch.int32:
         return bool((t == -1).all())
@@ -260,7 +436,7 @@ def run_scenarios(ws, rank: int, world: int, device, seed: int, exact: bool,
         if other is not None:
             results += flashinfer_test_scenarios(ws, rank, world, device, seed, t, h,
                                                  ws.dtype, exact, meet, call_dtype=other)
-    return results
+    return results + moe_scenarios(ws, rank, world, device, seed, exact, meet)
 
 
 def _other_16bit(dtype: torch.dtype) -> torch.dtype | None:
