@@ -312,6 +312,40 @@ def _timeout_rank(ctx, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_failing_after_the_creation_meeting_is_named(backend, monkeypatch):
+    """Rank 1 meets its peers, then fails allocating its buffer: it raises its own error,
+    and rank 0 a RuntimeError naming it and the set-up step it never reached, within
+    the wait bound (issue 28 item 1), not a hang."""
+    from arfusion.memory.cumem import CuMemBuffer
+    from arfusion.memory.in_process import InProcessBuffer
+
+    cls = InProcessBuffer if backend == "trtllm" else CuMemBuffer
+    real = cls.__init__
+
+    def fails_on_rank_1(self, setup, nbytes, device):
+        if setup.Get_rank() == 1:
+            raise RuntimeError("injected: out of memory")
+        real(self, setup, nbytes, device)
+
+    monkeypatch.setattr(cls, "__init__", fails_on_rank_1)
+    monkeypatch.setenv("ARFUSION_TIMEOUT_S", "3")
+
+    def rank_fn(ctx):
+        start = time.monotonic()
+        try:
+            make_workspace(ctx, torch.bfloat16, 8, 256, backend).destroy()
+            return "created", time.monotonic() - start
+        except RuntimeError as e:
+            return str(e), time.monotonic() - start
+
+    (msg0, took0), (msg1, _) = run_ranks(2, rank_fn, device=CUDA)
+    assert msg1 == "injected: out of memory"
+    step = "buffer exchange" if backend == "trtllm" else "device census"
+    assert msg0.startswith(f"rank 0: ranks [1] did not reach the workspace set-up's {step}"), msg0
+    assert took0 < 10.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_rank_times_out_and_is_named(backend):
     elapsed, _ = run_ranks(2, _timeout_rank, backend, device=CUDA)
     assert 1.5 < elapsed < 10.0
