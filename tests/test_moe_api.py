@@ -8,6 +8,7 @@ import torch
 
 from arfusion import AllReduceFusionPattern as P
 from arfusion import allreduce_fusion, create_allreduce_fusion_workspace, moe, reference
+from arfusion.patterns import sf_size
 from arfusion.testing import poison, run_processes
 
 BF = torch.bfloat16
@@ -96,6 +97,50 @@ def test_reduction_as_llama4_calls_it_with_a_device_expert_count():
         assert torch.equal(bits(norm), bits(want["norm_out"]))
 
 
+@pytest.mark.parametrize("layout", [0, 1, 2])
+def test_reduction_quantises_to_nvfp4_as_pattern_5(layout):
+    """Pattern 6 with a quant_out quantises its normalised rows to NVFP4 (FlashInfer's
+    behaviour), every layout, a float or a device-tensor scale_factor: the bytes pattern 5
+    writes for the same all-reduced contributions; over two gloo ranks alike."""
+    got = run_processes(2, _nvfp4_reduction_rank, layout)
+    for rank, (outs, want) in enumerate(got):
+        for name, tensor in outs.items():
+            assert torch.equal(tensor.view(torch.uint8), want[name].view(torch.uint8)), \
+                (rank, name)
+
+
+def _nvfp4_reduction_rank(rank, world, layout):
+    t, h, e = 3, 64, 2
+    x_r, mine = [], None
+    for r in range(world):
+        g = torch.Generator().manual_seed(40 + r)
+        kw = dict(moe_reduction_device_num_experts=e,
+                  moe_reduction_scale_input=torch.rand(e, t, generator=g),
+                  moe_reduction_active_experts_token_input=torch.randn(e, t, h, generator=g)
+                  .to(BF), moe_reduction_token_input=torch.randn(t, h, generator=g).to(BF))
+        x_r.append(moe.moe_reduction_input(kw["moe_reduction_active_experts_token_input"],
+                                           kw["moe_reduction_scale_input"],
+                                           kw["moe_reduction_token_input"], e))
+        mine = kw if r == rank else mine
+    g = torch.Generator().manual_seed(7)
+    res, gamma = torch.randn(t, h, generator=g).to(BF), torch.rand(h, generator=g).to(BF)
+    scale = 300.0 if layout != 1 else torch.tensor([300.0])
+    outs = {"residual_out": poison(torch.empty(t, h, dtype=BF)),
+            "norm_out": poison(torch.empty(t, h, dtype=BF)),
+            "quant_out": poison(torch.empty(t, h // 2, dtype=torch.uint8)),
+            "scale_out": poison(torch.empty(sf_size(t, h // 16, layout), dtype=torch.uint8))}
+    with create_allreduce_fusion_workspace("torch", world_size=world, rank=rank,
+                                           max_token_num=t, hidden_dim=h, dtype=BF) as ws:
+        ret = allreduce_fusion(mine["moe_reduction_token_input"], ws, 6, residual_in=res,
+                               rms_gamma=gamma, scale_factor=scale, layout_code=layout,
+                               **outs, **mine)
+    assert ret is outs["norm_out"]
+    want = reference.reference_allreduce_fusion(
+        x_r, P.kARResidualRMSNormOutFP4Quant, residual_in=res, rms_gamma=gamma,
+        scale_factor=scale, layout_code=layout)
+    return outs, {k: want[k] for k in outs}
+
+
 def _args(**over):
     x, kw = finalize_inputs(4, 32, 2, seed=3)
     kw.update(input=x, pattern=7)
@@ -123,7 +168,7 @@ DROP = object()
      r"shared_expert_output must have shape \[4, 32\]"),
     (dict(residual_in=DROP), ValueError, "requires residual_in"),
     (dict(quant_out=torch.empty(4, 32, dtype=torch.float8_e4m3fn)), ValueError,
-     "does not quantise here"),
+     "does not quantise: pass quant_out=None"),
     (dict(pattern=6), ValueError, "requires moe_reduction_token_input"),
     (dict(pattern=6, moe_reduction_token_input=torch.ones(4, 32, dtype=BF)), ValueError,
      "requires moe_reduction_device_num_experts"),

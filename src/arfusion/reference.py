@@ -25,6 +25,7 @@ outputs from the shared sum and that rank's tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -246,6 +247,7 @@ def epilogue(
     layout_code: int | None = None,
     weight_bias: float = 0.0,
     block_quant_group_size: int | None = None,
+    quant: Quant | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything `pattern` writes on one rank, from the fp32 sum `s` and that rank's
     own residual_in, rms_gamma, weight_bias and scale_factor.
@@ -254,8 +256,12 @@ def epilogue(
     "norm_out" (the normalised row, also for patterns that only quantise it),
     "quant_out" and "scale_out" where the pattern quantises (per-token-group FP8:
     `arfusion.moe.quantize_group_fp8` of n in groups of `block_quant_group_size`).
+    `quant` overrides the pattern's quantisation (pattern 6 with a `quant_out`: NVFP4,
+    as pattern 5).
     """
     traits = PATTERNS[pattern]
+    if quant is not None:
+        traits = replace(traits, quant=quant)
     out = {"output": s.to(dtype)}
     if not traits.norm:
         return out

@@ -26,7 +26,7 @@ and which tensors alias which.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -458,10 +458,11 @@ def _make_plan(ws: WorkspaceFacts, a: dict[str, Any]) -> Plan:
                              "tokens)")
         if isinstance(a["residual_in"], torch.Tensor) and a["residual_in"].dim() == 2:
             t = a["residual_in"].shape[0]
-    if pattern in MOE_PATTERNS and a["quant_out"] is not None:
-        raise ValueError(f"pattern {traits.name} does not quantise here: pass quant_out=None "
-                         "(NVFP4 after pattern 6 is not served yet; FlashInfer leaves 7's "
-                         "undefined)")
+    if pattern == MOE_FINALIZE and a["quant_out"] is not None:
+        raise ValueError(f"pattern {traits.name} does not quantise: pass quant_out=None "
+                         "(FlashInfer leaves its quant_out undefined)")
+    if pattern == MOE_REDUCTION and a["quant_out"] is not None:
+        traits = replace(traits, quant=Quant.NVFP4)  # as FlashInfer: NVFP4, as pattern 5
     use_oneshot = a["use_oneshot"]
     if use_oneshot is not None:
         use_oneshot = as_bool("use_oneshot", use_oneshot)

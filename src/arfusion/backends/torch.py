@@ -177,6 +177,7 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
             layout_code=call.layout_code,
             weight_bias=call.weight_bias,
             block_quant_group_size=call.plan.group,
+            quant=call.traits.quant,
         )
         write_outputs(call, results)
         if is_in_process(self._comm) and self.world_size > 1:
