@@ -102,14 +102,12 @@ def test_reduction_quantises_to_nvfp4_as_pattern_5(layout):
     """Pattern 6 with a quant_out quantises its normalised rows to NVFP4 (FlashInfer's
     behaviour), every layout, a float or a device-tensor scale_factor: the bytes pattern 5
     writes for the same all-reduced contributions; over two gloo ranks alike."""
-    got = run_processes(2, _nvfp4_reduction_rank, layout)
-    for rank, (outs, want) in enumerate(got):
-        for name, tensor in outs.items():
-            assert torch.equal(tensor.view(torch.uint8), want[name].view(torch.uint8)), \
-                (rank, name)
+    assert run_processes(2, _nvfp4_reduction_rank, layout) == [[], []]
 
 
-def _nvfp4_reduction_rank(rank, world, layout):
+def _nvfp4_reduction_rank(rank, world, layout) -> list[str]:
+    """The outputs whose bytes differ from pattern 5's (names only: tensors returned from
+    a process that has exited cannot always be received)."""
     t, h, e = 3, 64, 2
     x_r, mine = [], None
     for r in range(world):
@@ -138,7 +136,8 @@ def _nvfp4_reduction_rank(rank, world, layout):
     want = reference.reference_allreduce_fusion(
         x_r, P.kARResidualRMSNormOutFP4Quant, residual_in=res, rms_gamma=gamma,
         scale_factor=scale, layout_code=layout)
-    return outs, {k: want[k] for k in outs}
+    return [k for k, v in outs.items()
+            if not torch.equal(v.view(torch.uint8), want[k].view(torch.uint8))]
 
 
 def _args(**over):
