@@ -308,8 +308,9 @@ class BoundedSteps:
     complete is a RuntimeError saying which ranks never reached it. A peer that is gone
     leaves its collective behind on a daemon thread (`bounded`), and the group with it."""
 
-    def __init__(self, comm: CommBackend, timeout_s: float, prefix: str, step: int = 0):
-        self.comm, self.timeout_s, self._step = comm, timeout_s, step
+    def __init__(self, comm: CommBackend, timeout_s: float, prefix: str, step: int = 0,
+                 stage: str = ""):
+        self.comm, self.timeout_s, self._step, self._stage = comm, timeout_s, step, stage
         self._board = arrival_board(comm, prefix)
 
     def Get_rank(self) -> int:
@@ -318,16 +319,18 @@ class BoundedSteps:
     def Get_size(self) -> int:
         return self.comm.Get_size()
 
-    def allgather(self, obj: Any, what: str = "an exchange") -> tuple[Any, ...]:
+    # `what`: the step, as the error names it after `stage` ("handle exchange").
+    def allgather(self, obj: Any, what: str) -> tuple[Any, ...]:
         return tuple(self._run(lambda: self.comm.allgather(obj), what))
 
-    def bcast(self, obj: Any, root: int, what: str = "a broadcast") -> Any:
+    def bcast(self, obj: Any, root: int, what: str) -> Any:
         return self._run(lambda: self.comm.bcast(obj, root), what)
 
-    def barrier(self, what: str = "a barrier") -> None:
+    def barrier(self, what: str) -> None:
         self._run(self.comm.barrier, what)
 
     def _run(self, fn: Callable[[], Any], what: str) -> Any:
+        what = self._stage + what
         self._step += 1
         if self._board is not None:
             self._board.post(self._step)
@@ -363,7 +366,8 @@ def set_up(comm: CommBackend, timeout_s: float) -> BoundedSteps:
     steps numbered alike: they joined the same creation)."""
     key = group_key(comm)
     creation = _JOINS.get((key, comm.Get_rank()), 0)
-    return BoundedSteps(comm, timeout_s, f"arfusion/setup/{key}/{creation}")
+    return BoundedSteps(comm, timeout_s, f"arfusion/setup/{key}/{creation}",
+                        stage="the workspace set-up's ")
 
 
 def _cuda_device() -> int | None:

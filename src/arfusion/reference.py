@@ -260,7 +260,7 @@ def epilogue(
     as pattern 5).
     """
     traits = PATTERNS[pattern]
-    if quant is not None:
+    if quant is not None and quant != traits.quant:
         traits = replace(traits, quant=quant)
     out = {"output": s.to(dtype)}
     if not traits.norm:

@@ -97,7 +97,7 @@ class SymmetricWorkspace(AllReduceFusionWorkspace):
             self._unsigned_plans: dict = {}  # without_signature's plans, kept apart
             self.footprint_bytes = nbytes
             torch.cuda.synchronize(device)
-            setup.barrier("the workspace set-up's last barrier")  # buffers initialised
+            setup.barrier("last barrier")  # buffers initialised
         except BaseException:
             buf.abandon()  # a peer may hold our buffer
             raise

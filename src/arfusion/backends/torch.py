@@ -99,7 +99,7 @@ class TorchAllReduceFusionWorkspace(AllReduceFusionWorkspace):
     def _arrival_board(self) -> ArrivalBoard | None:
         comm = self._comm if self._comm is not None else TorchDistBackend(self._group)
         name = set_up(comm, self.timeout_s).bcast(uuid.uuid4().hex, 0,
-                                                  "the workspace set-up's board name")
+                                                  "board name")
         return arrival_board(comm, f"arfusion/{name}")
 
     @classmethod

@@ -112,7 +112,7 @@ def wrap_pointer(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
 def ranks_on_my_gpu(setup: BoundedSteps, device: torch.device) -> int:
     """How many ranks (this one included) use this rank's GPU (collective)."""
     me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
-    return setup.allgather(me, "the workspace set-up's GPU census").count(me)
+    return setup.allgather(me, "GPU census").count(me)
 
 
 def open_buffer(nbytes: int, device: torch.device, setup: BoundedSteps, own_comm: bool,

@@ -25,8 +25,7 @@ class CudaIpcBuffer(SymmetricBuffer):
             handle = check(rt.cudaIpcGetMemHandle(self._ptr))
         self.local = wrap_pointer(self._ptr, nbytes, device)
         try:
-            handles = setup.allgather(bytes(handle.reserved), "the workspace set-up's "
-                                      "handle exchange")
+            handles = setup.allgather(bytes(handle.reserved), "handle exchange")
         except RuntimeError:
             self.abandon()  # a peer may have our handle: keep the buffer
             raise

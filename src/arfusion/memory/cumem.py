@@ -84,7 +84,7 @@ class CuMemBuffer(SymmetricBuffer):
         super().__init__(setup, nbytes, device)
         drv = self._drv = _driver()
         in_process = is_in_process(setup.comm)
-        census = "the workspace set-up's device census"
+        census = "device census"
         # Threads of one process use each other's mappings: grant all their devices.
         self._devices = sorted(set(setup.allgather(device.index, census))) if in_process \
             else [device.index]
@@ -103,7 +103,7 @@ class CuMemBuffer(SymmetricBuffer):
             local = self._map(self._handle)
         self.local = wrap_pointer(local, nbytes, device)
         self._in_process = in_process
-        exchange = "the workspace set-up's handle exchange"
+        exchange = "handle exchange"
         try:
             if in_process:
                 self.peer_ptrs = list(setup.allgather(local, exchange))
@@ -177,7 +177,7 @@ def exchange_fds(setup: BoundedSteps, fd: int) -> list[int | None]:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(name)
     server.listen(size)
-    names = setup.allgather(name, "the workspace set-up's socket names")
+    names = setup.allgather(name, "socket names")
     received: dict[int, int] = {}
 
     def accept() -> None:
@@ -198,7 +198,7 @@ def exchange_fds(setup: BoundedSteps, fd: int) -> list[int | None]:
         listener.join(timeout=120)
         if listener.is_alive() or len(received) != size - 1:
             raise RuntimeError("file-descriptor exchange with the peers did not complete")
-        setup.barrier("the workspace set-up's descriptor exchange")
+        setup.barrier("descriptor exchange")
     finally:
         server.close()
         os.close(fd)

@@ -18,7 +18,7 @@ class InProcessBuffer(SymmetricBuffer):
     def __init__(self, setup: BoundedSteps, nbytes: int, device: torch.device):
         super().__init__(setup, nbytes, device)
         self.local = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self._all = setup.allgather(self.local, "the workspace set-up's buffer exchange")
+        self._all = setup.allgather(self.local, "buffer exchange")
         self.peer_ptrs = [t.data_ptr() for t in self._all]
 
     def _free(self, timeout_s: float) -> bool:

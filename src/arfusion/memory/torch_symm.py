@@ -25,7 +25,7 @@ class TorchSymmBuffer(SymmetricBuffer):
         group = group if group is not None else dist.group.WORLD
         self.local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
         # Bounded: rendezvous itself is not, so every rank must have allocated first.
-        setup.barrier("the workspace set-up's allocation")
+        setup.barrier("allocation")
         self._handle = symm_mem.rendezvous(self.local, group)
         self.peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
 
