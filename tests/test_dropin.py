@@ -5,6 +5,7 @@ with a peer gone; the module paths clients import from."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
@@ -187,6 +188,7 @@ def test_client_module_paths():
         MPIBackend,
         TorchDistBackend,
         is_mnnvl_fabric_supported,
+        mpi_barrier,
     )
 
     assert {s.name: s.value for s in MNNVLAllreduceFusionStrategy} == \
@@ -196,6 +198,13 @@ def test_client_module_paths():
     assert is_mnnvl_fabric_supported() is False  # no CUDA on this machine
     assert (CommBackend, MPIBackend, TorchDistBackend) == \
         (comm.CommBackend, comm.MPIBackend, comm.TorchDistBackend)
+    # trtllm_mnnvl_ar.mpi_barrier, which FlashInfer's MPI-launched tests call: a barrier
+    # of one process here, or the install hint where mpi4py is missing.
+    if importlib.util.find_spec("mpi4py") is None:
+        with pytest.raises(ImportError, match="mpi4py"):
+            mpi_barrier()
+    else:
+        assert mpi_barrier() is None
 
 
 def test_numpy_pattern_none_defaults_and_moe_none_are_accepted():

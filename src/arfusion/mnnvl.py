@@ -21,6 +21,7 @@ __all__ = [
     "MPIBackend",
     "TorchDistBackend",
     "is_mnnvl_fabric_supported",
+    "mpi_barrier",
 ]
 
 
@@ -34,3 +35,9 @@ def is_mnnvl_fabric_supported(device_idx: int | None = None) -> bool:
 
     index = torch.cuda.current_device() if device_idx is None else device_idx
     return fabric_supported(torch.device("cuda", index))
+
+
+def mpi_barrier() -> None:
+    """A barrier over MPI's COMM_WORLD (FlashInfer's test and benchmark helper of the
+    same name, which their MPI-launched scripts call between steps)."""
+    MPIBackend().barrier()

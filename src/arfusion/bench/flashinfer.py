@@ -57,6 +57,13 @@ def workspace(fc: Any, rank: int, world: int, max_tokens: int, hidden: int,
     except Exception as e:  # noqa: BLE001 - ranks sharing a GPU: CUDA IPC below
         print(f"[rank {rank}] FlashInfer's cuMem workspace failed ({type(e).__name__}: "
               f"{e}); building it on CUDA IPC buffers", flush=True)
+    return ipc_workspace(fc, rank, world, max_tokens, hidden, dtype)
+
+
+def ipc_workspace(fc: Any, rank: int, world: int, max_tokens: int, hidden: int,
+                  dtype: torch.dtype) -> Any:
+    """FlashInfer's trtllm workspace on CUDA-IPC buffers (its `create_shared_buffer`,
+    over the default process group), for ranks that share one GPU."""
     import flashinfer.comm.allreduce as fa
     import flashinfer.comm.trtllm_ar as ft
 
@@ -66,10 +73,9 @@ def workspace(fc: Any, rank: int, world: int, max_tokens: int, hidden: int,
     saved = ft._alloc_symm_buffer_bytes, fa.is_confidential_compute
     ft._alloc_symm_buffer_bytes, fa.is_confidential_compute = ipc_alloc, lambda: True
     try:  # confidential compute: FlashInfer's own switch to its non-cuMem allocator
-        ws = fa.TRTLLMAllReduceFusionWorkspace(world, rank, max_tokens, hidden, dtype)
+        return fa.TRTLLMAllReduceFusionWorkspace(world, rank, max_tokens, hidden, dtype)
     finally:
         ft._alloc_symm_buffer_bytes, fa.is_confidential_compute = saved
-    return ws
 
 
 class Calls:
