@@ -72,8 +72,11 @@ def uses_mpi(test: Path) -> bool:
 def collect(test: Path, env: dict, keyword: str | None, root: Path) -> list[str]:
     cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
            str(test)] + (["-k", keyword] if keyword else [])
-    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True).stdout
-    return [line.strip() for line in out.splitlines() if "::" in line]
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
+    if not ids:  # say why (an import error, most often)
+        print("\n".join((out.stdout + out.stderr).splitlines()[-12:]), flush=True)
+    return ids
 
 
 def read_results(path: Path) -> dict[str, dict]:
