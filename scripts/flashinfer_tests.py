@@ -185,7 +185,7 @@ def main() -> int:
     root, site = args.root.resolve(), args.flashinfer.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
-    mpirun = shutil.which("mpirun") or "mpirun"
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
     rows: list[tuple[str, dict, dict]] = []
     shared = gpus() < max(args.world_sizes)
     print(f"{gpus()} GPUs: " + ("ranks share GPU 0 under MPS" if shared else
@@ -195,6 +195,10 @@ def main() -> int:
             test = root / "tests" / "comm" / name
             if not test.is_file():
                 print(f"{test}: not there, skipped", flush=True)
+                continue
+            if uses_mpi(test) and mpirun is None:
+                print(f"{test.name}: needs mpirun (or mpiexec), which is not installed: "
+                      "skipped", flush=True)
                 continue
             launchers = ({f"np{w}": [mpirun, "-np", str(w)] for w in args.world_sizes}
                          if uses_mpi(test) else {"": []})
