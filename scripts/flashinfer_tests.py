@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +43,9 @@ FILES = ("test_trtllm_allreduce_dynamic_fp8_quant.py", "test_allreduce_unified_a
          "test_gemma_ar_fusion.py", "test_trtllm_allreduce_fusion.py",
          "test_trtllm_mnnvl_allreduce_dynamic_fp8_quant.py")
 COLUMNS = ("flashinfer", "arfusion")
-WORST = ("not run", "hung", "failed", "passed", "skipped")  # the first found wins
+# Folding ranks' records of an item, the first found wins: a rank's failure is the cause
+# where its peers then hang (MPI ranks wait in a collective the failed rank never joins).
+WORST = ("not run", "failed", "hung", "passed", "skipped")
 
 
 def column_env(column: str, site: Path, root: Path, args: argparse.Namespace,
@@ -66,7 +69,8 @@ def column_env(column: str, site: Path, root: Path, args: argparse.Namespace,
 
 
 def uses_mpi(test: Path) -> bool:
-    return "mpi4py" in test.read_text() or "mpirun" in test.read_text()
+    text = test.read_text()
+    return "mpi4py" in text or "mpirun" in text
 
 
 def collect(test: Path, env: dict, keyword: str | None, root: Path) -> list[str]:
@@ -103,11 +107,15 @@ def run_items(ids: list[str], launcher: list[str], env: dict, results: Path, roo
         cmd = launcher + [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "-p", "fi_results", "--tb=short", *left]
         with open(log, "a") as f:
+            # A session of its own: at the budget, its spawned ranks go with it.
+            proc = subprocess.Popen(cmd, env=dict(env, ARFUSION_FI_RESULTS=str(results)),
+                                    cwd=root, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             try:
-                subprocess.run(cmd, env=dict(env, ARFUSION_FI_RESULTS=str(results)), cwd=root,
-                               stdout=f, stderr=subprocess.STDOUT,
-                               timeout=max(deadline - time.monotonic(), 1))
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 f.write("\n(run stopped at the time budget)\n")
         done = read_results(results)
         if not any(i in done for i in left):

@@ -86,3 +86,18 @@ def test_runner_records_outcomes_mismatches_and_hangs(tmp_path):
     text = r.table([(i, by[i], by[i]) for i in by])
     assert "| test_fails | failed (7/100) | failed (7/100) | yes |" in text
     assert "ok: 3 of 4 items" in text
+
+
+def test_ranks_records_fold_to_the_cause(tmp_path):
+    """An MPI rank that failed is the item's outcome even where its peers then hung in a
+    collective; the largest mismatch of any rank is kept."""
+    r = _runner()
+    base = tmp_path / "col.jsonl"
+    (tmp_path / "col.jsonl.rank0").write_text(
+        '{"id": "a", "outcome": "failed", "mismatch": [3, 10]}\n'
+        '{"id": "b", "outcome": "passed", "mismatch": null}\n')
+    (tmp_path / "col.jsonl.rank1").write_text(
+        '{"id": "a", "outcome": "hung", "seconds": 5}\n'
+        '{"id": "b", "outcome": "passed", "mismatch": [1, 10]}\n')
+    assert r.read_results(base) == {"a": {"outcome": "failed", "mismatch": [3, 10]},
+                                    "b": {"outcome": "passed", "mismatch": [1, 10]}}
