@@ -177,12 +177,22 @@ def mps(needed: bool) -> Iterator[None]:
         yield
 
 
+def _select(text: str) -> tuple[str, str]:
+    name, sep, expr = text.partition("=")
+    if not (sep and name and expr):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FILE=EXPR")
+    return name, expr
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path, help="folder holding FlashInfer's tests/ tree")
     p.add_argument("--flashinfer", type=Path, required=True, help="FlashInfer's site folder")
     p.add_argument("--files", default=",".join(FILES), help="test files under tests/comm")
     p.add_argument("-k", dest="keyword", help="pytest -k expression for every file")
+    p.add_argument("--select", action="append", default=[], metavar="FILE=EXPR", type=_select,
+                   help="pytest -k expression for one file, instead of -k (e.g. "
+                   "test_trtllm_allreduce_fusion.py='False and 1024': its unified items)")
     p.add_argument("--world-sizes", default="2,4",
                    type=lambda s: [int(w) for w in s.split(",")])
     p.add_argument("--columns", default=",".join(COLUMNS), type=lambda s: s.split(","))
@@ -190,6 +200,7 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=3600.0, help="seconds for the whole run")
     p.add_argument("--out", type=Path, default=Path("/tmp/flashinfer-tests"))
     args = p.parse_args()
+    select = dict(args.select)
     root, site = args.root.resolve(), args.flashinfer.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
@@ -213,7 +224,7 @@ def main() -> int:
             found = {}
             for column in args.columns:
                 env = column_env(column, site, root, args, shared)
-                ids = collect(test, env, args.keyword, root)
+                ids = collect(test, env, select.get(name, args.keyword), root)
                 for tag, launcher in launchers.items():
                     stem = f"{column}-{test.stem}{'-' + tag if tag else ''}"
                     results = args.out / f"{stem}.jsonl"
