@@ -158,6 +158,8 @@ def table(rows: list[tuple[str, dict, dict]]) -> str:
 def gpus() -> int:
     """The GPUs nvidia-smi lists (this process never creates a CUDA context: MPS must
     start before any process does)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
     out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
